@@ -1,0 +1,1 @@
+"""The cloud: deep layers for many edge sessions, their KV context, batching, and the server."""

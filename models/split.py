@@ -1,0 +1,79 @@
+"""Split a decoder at layer K into an edge part (embeddings, layers 0..K-1, exit head) and a cloud part.
+
+Composing the two reproduces the full model: the cloud part continues from the edge's layer-K hidden state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from offramp.models.architecture import Geometry, check_exit_layer, check_supported
+from offramp.models.decoder import KV, run_layers
+from offramp.models.exit_heads import FinalNormHead
+
+
+@dataclass
+class EdgeOutput:
+    exit_logits: torch.Tensor  # [batch, q_len, vocab]: the exit head's next-token logits
+    hidden: torch.Tensor  # [batch, q_len, H]: layer-K hidden state, what the cloud continues from
+    present: list[KV]
+
+
+class EdgePart(nn.Module):
+    """Embeddings, decoder layers 0..K-1 and an exit head."""
+
+    def __init__(self, model: PreTrainedModel, exit_layer: int, head: nn.Module | None = None) -> None:
+        super().__init__()
+        check_supported(model)
+        check_exit_layer(model, exit_layer)
+        self.exit_layer = exit_layer
+        self.geometry = Geometry.of(model)
+        self.embed_tokens = model.model.embed_tokens
+        self.layers = nn.ModuleList(model.model.layers[:exit_layer])
+        self.rotary_emb = model.model.rotary_emb
+        self.head = head if head is not None else FinalNormHead(model)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        past: list[KV] | None = None,
+        explicit_mask: bool = False,
+    ) -> EdgeOutput:
+        hidden = self.embed_tokens(input_ids)
+        hidden, present = run_layers(self.layers, self.rotary_emb, hidden, position_ids, past, explicit_mask)
+        return EdgeOutput(self.head(hidden), hidden, present)
+
+
+class CloudPart(nn.Module):
+    """Decoder layers K..N-1, the final norm and the LM head."""
+
+    def __init__(self, model: PreTrainedModel, exit_layer: int) -> None:
+        super().__init__()
+        check_supported(model)
+        check_exit_layer(model, exit_layer)
+        self.exit_layer = exit_layer
+        self.geometry = Geometry.of(model)
+        self.layers = nn.ModuleList(model.model.layers[exit_layer:])
+        self.rotary_emb = model.model.rotary_emb
+        self.norm = model.model.norm
+        self.lm_head = model.lm_head
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def forward(
+        self, hidden: torch.Tensor, position_ids: torch.Tensor, past: list[KV] | None = None
+    ) -> tuple[torch.Tensor, list[KV]]:
+        hidden, present = run_layers(self.layers, self.rotary_emb, hidden, position_ids, past)
+        return self.lm_head(self.norm(hidden)), present
+
+
+def split_model(model: PreTrainedModel, exit_layer: int, head: nn.Module | None = None) -> tuple[EdgePart, CloudPart]:
+    """Both halves, sharing the model's weights (no copy)."""
+    return EdgePart(model, exit_layer, head), CloudPart(model, exit_layer)
