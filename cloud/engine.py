@@ -1,0 +1,106 @@
+"""The cloud's deep-layer engine: continue sessions from their uploaded layer-K hidden states.
+
+Catch-up (tokens that exited at the edge) and escalation (a token the edge was unsure of) are one operation:
+run layers K..N-1 over the positions [start, start + n) of a session, append their KV, and return the full
+model's prediction at each position. The edge takes the last one as its token and can check the others
+against what it emitted (agreement online; rollback in lossless mode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from offramp.cloud.context import ContextManager, SessionContext, SessionError
+from offramp.models.split import CloudPart
+from offramp.shared.sampling import SamplingParams, pick_token
+
+
+class ContextMismatchError(SessionError):
+    """The edge sent positions from `start` but the cloud holds fewer; the edge must re-upload from `have`."""
+
+    code = "context_missing"
+
+    def __init__(self, session_id: str, start: int, have: int) -> None:
+        super().__init__(f"session {session_id!r}: upload starts at position {start} but the cloud holds {have}")
+        self.have = have
+
+
+class PositionError(SessionError):
+    code = "bad_positions"
+
+
+@dataclass
+class ExtendRequest:
+    session_id: str
+    start: int
+    hidden: np.ndarray  # [n, H] float32, positions start..start+n-1
+    owner: str = ""
+    want_token: bool = True  # an escalation: pick the next token at the last position
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    u: float = 0.0  # the edge's uniform draw for sampling
+
+
+@dataclass
+class DeepResult:
+    start: int
+    predicted: list[int]  # the full model's argmax next token at each position
+    logprobs: list[float]  # log-prob of that argmax
+    token: int | None  # the chosen next token after the last position (escalations only)
+    length: int  # positions the cloud now holds for the session
+
+
+class DeepEngine:
+    """Layers K..N-1 for many sessions, on CUDA in half precision when present, else CPU fp32."""
+
+    def __init__(self, cloud: CloudPart, contexts: ContextManager, device: str | None = None, dtype: torch.dtype | None = None) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.cloud = cloud.to(device=self.device, dtype=self.dtype).eval()
+        self.contexts = contexts
+        self.hidden_size = cloud.geometry.hidden_size
+        self.max_positions = cloud.geometry.max_positions
+        self.layer_tokens = 0  # deep-layer evaluations done: one per layer per position
+
+    def prepare(self, req: ExtendRequest) -> SessionContext:
+        """Validate a request against its session; roll the session back if the edge did."""
+        if req.hidden.ndim != 2 or req.hidden.shape[1] != self.hidden_size:
+            raise PositionError(f"hidden states must be [n, {self.hidden_size}], got {list(req.hidden.shape)}")
+        n = req.hidden.shape[0]
+        if n == 0 and req.want_token:
+            raise PositionError("an escalation needs at least one position")
+        if req.start < 0 or req.start + n > self.max_positions:
+            raise PositionError(f"positions {req.start}..{req.start + n - 1} are outside 0..{self.max_positions - 1}")
+        ctx = self.contexts.lookup(req.session_id, req.owner)
+        if req.start > ctx.length:
+            raise ContextMismatchError(req.session_id, req.start, ctx.length)
+        if req.start < ctx.length:
+            ctx.truncate(req.start)
+        return ctx
+
+    @torch.inference_mode()
+    def extend(self, req: ExtendRequest) -> DeepResult:
+        """One session's catch-up and/or escalation, unbatched."""
+        ctx = self.prepare(req)
+        n = req.hidden.shape[0]
+        if n == 0:
+            return DeepResult(req.start, [], [], None, ctx.length)
+        hidden = torch.from_numpy(np.ascontiguousarray(req.hidden)).to(self.device, self.dtype)[None]
+        positions = torch.arange(req.start, req.start + n, device=self.device)[None]
+        logits, present = self.cloud(hidden, positions, ctx.kv)
+        self.layer_tokens += n * self.cloud.num_layers
+        self.contexts.commit(ctx, present, req.start + n)
+        return self.result(req, logits[0], ctx.length)
+
+    def result(self, req: ExtendRequest, logits: torch.Tensor, length: int) -> DeepResult:
+        """Predictions and log-probs at every position; the chosen token at the last one."""
+        logits = logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        predicted = logits.argmax(dim=-1)
+        chosen = logprobs.gather(-1, predicted[:, None])[:, 0]
+        token = None
+        if req.want_token:
+            token = pick_token(logits[-1].cpu().numpy(), req.sampling, req.u)
+        return DeepResult(req.start, predicted.tolist(), chosen.tolist(), token, length)

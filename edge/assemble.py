@@ -1,0 +1,42 @@
+"""Put an edge runtime and a cloud link together from a model spec: the wiring shared by CLI, daemon and SDK."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+from transformers import PreTrainedModel
+
+from offramp.cloud.context import ContextManager
+from offramp.cloud.engine import DeepEngine
+from offramp.edge.link import LocalCloudLink
+from offramp.edge.runtime import EdgeRuntime
+from offramp.edge.torch_runtime import TorchEdgeRuntime
+from offramp.models.split import CloudPart, EdgePart
+
+EDGE_PRECISIONS = ("int8", "fp32", "torch")
+
+
+def build_edge_runtime(
+    model: PreTrainedModel,
+    exit_layer: int,
+    precision: str,
+    model_spec: str = "default",
+    head: nn.Module | None = None,
+    head_dir: Path | None = None,
+) -> EdgeRuntime:
+    """`torch` runs the PyTorch edge part; `fp32`/`int8` run the ONNX graph (exported on first use)."""
+    if precision == "torch":
+        return TorchEdgeRuntime(EdgePart(model, exit_layer, head))
+    if precision not in EDGE_PRECISIONS:
+        raise ValueError(f"edge precision {precision!r} is not one of {EDGE_PRECISIONS}")
+    from offramp.edge.onnx_runtime import OnnxEdgeRuntime, ensure_edge_graph
+
+    graph_dir = ensure_edge_graph(model_spec, exit_layer, precision, head_dir=head_dir)
+    return OnnxEdgeRuntime(graph_dir)
+
+
+def build_local_link(model: PreTrainedModel, exit_layer: int, codec: str = "fp32", kv_budget_bytes: int | None = None) -> LocalCloudLink:
+    """The cloud's engine in this process (`--cloud local`)."""
+    engine = DeepEngine(CloudPart(model, exit_layer), ContextManager(budget_bytes=kv_budget_bytes))
+    return LocalCloudLink(engine, codec)

@@ -1,0 +1,139 @@
+"""`offramp generate` (and, later, `offramp edge serve`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+
+from offramp.edge.assemble import EDGE_PRECISIONS, build_edge_runtime, build_local_link
+from offramp.edge.generation import CLOUD, CollaborativeDecoder, DecodeOptions, GenerationStats
+from offramp.shared.codecs import CODECS
+from offramp.shared.sampling import SamplingParams
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("generate", help="generate text with edge + cloud (in-process or over the network)")
+    p.add_argument("--model", default="default", help="'default', a local HF checkpoint dir, or a .gguf file")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="send the prompt as one user message through the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--exit-layer", type=int, default=15)
+    p.add_argument("--threshold", type=float, default=None, help="exit confidence threshold; > 1 never exits")
+    p.add_argument("--edge-precision", choices=EDGE_PRECISIONS, default="int8")
+    p.add_argument("--cloud", default="local", help="'local' (in-process), 'none' (edge-standalone), or ws://HOST:PORT")
+    p.add_argument("--cloud-only", action="store_true", help="baseline: run every layer in the cloud")
+    p.add_argument("--codec", choices=sorted(CODECS), default="fp16", help="hidden-state codec on the link")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.set_defaults(func=run_generate)
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
+    """Plain text, or a single user message through the chat template with the generation prompt (nothing else)."""
+    if chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from offramp.models import load_model
+
+    model, tokenizer = load_model(args.model)
+    prompt_ids = encode_prompt(tokenizer, args.prompt, args.chat)
+    sampling = SamplingParams(args.temperature, args.top_p)
+    stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    threshold = args.threshold if args.threshold is not None else 0.9
+    out = sys.stdout
+    if args.cloud_only:
+        result = _cloud_only(model, prompt_ids, args, sampling, stop_ids, tokenizer, stream=not args.json)
+    else:
+        result = asyncio.run(_collaborative(model, prompt_ids, args, threshold, sampling, stop_ids, tokenizer))
+    if args.json:
+        result["text"] = tokenizer.decode(result["token_ids"], skip_special_tokens=True)
+        json.dump(result, out)
+        out.write("\n")
+    else:
+        out.write("\n")
+        s = result["stats"]
+        print(
+            f"[{result['mode']}] {s['tokens']} tokens, {s['edge_exits']} at the edge, {s['escalations']} escalated, "
+            f"{s['fallback_tokens']} fallback; cloud layer-tokens {s['cloud_layer_tokens']}/{s['full_layer_tokens']}; "
+            f"{s['bytes_up']} B up, {s['bytes_down']} B down; ttft {s['ttft_s']:.3f}s, wall {s['wall_s']:.2f}s",
+            file=sys.stderr,
+        )
+    return 0
+
+
+async def _collaborative(model, prompt_ids, args, threshold, sampling, stop_ids, tokenizer) -> dict:
+    runtime = build_edge_runtime(model, args.exit_layer, args.edge_precision, args.model)
+    link = None
+    if args.cloud == "local":
+        link = build_local_link(model, args.exit_layer, args.codec)
+    elif args.cloud != "none":
+        from offramp.edge.ws_link import WebSocketCloudLink
+
+        link = WebSocketCloudLink(args.cloud, codec=args.codec, manifest=getattr(runtime, "manifest", None))
+    decoder = CollaborativeDecoder(runtime, link, model.config.num_hidden_layers)
+    options = DecodeOptions(args.max_new_tokens, threshold, sampling, args.seed, stop_ids)
+    token_ids, sources = [], []
+    try:
+        async for event in decoder.stream(prompt_ids, options):
+            token_ids.append(event.token_id)
+            sources.append(event.source)
+            if not args.json:
+                _echo(tokenizer, token_ids)
+    finally:
+        if link is not None:
+            await link.aclose()
+    return {
+        "token_ids": token_ids,
+        "sources": sources,
+        "mode": decoder.mode,
+        "exit_layer": args.exit_layer,
+        "threshold": threshold,
+        "stats": decoder.stats.to_dict(),
+    }
+
+
+def _cloud_only(model, prompt_ids, args, sampling, stop_ids, tokenizer, stream: bool) -> dict:
+    from offramp.cloud.full_model import FullModelRunner
+
+    runner = FullModelRunner(model)
+    stats = GenerationStats()
+    started = time.perf_counter()
+    token_ids = []
+    for token in runner.generate_ids(prompt_ids, args.max_new_tokens, sampling, args.seed, stop_ids):
+        token_ids.append(token)
+        if len(token_ids) == 1:
+            stats.ttft_s = time.perf_counter() - started
+        if stream:
+            _echo(tokenizer, token_ids)
+    stats.tokens = stats.escalations = len(token_ids)
+    stats.cloud_layer_tokens = stats.full_layer_tokens = runner.layer_tokens
+    stats.wall_s = time.perf_counter() - started
+    return {
+        "token_ids": token_ids,
+        "sources": [CLOUD] * len(token_ids),
+        "mode": "cloud-only",
+        "exit_layer": None,
+        "threshold": None,
+        "stats": stats.to_dict(),
+    }
+
+
+_printed: dict[int, int] = {}
+
+
+def _echo(tokenizer, token_ids: list[int]) -> None:
+    """Stream text as it grows (decode the whole so multi-token characters come out right)."""
+    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    done = _printed.get(id(token_ids), 0)
+    sys.stdout.write(text[done:])
+    sys.stdout.flush()
+    _printed[id(token_ids)] = len(text)

@@ -1,0 +1,90 @@
+"""The edge's view of the cloud: one interface, an in-process and a network implementation.
+
+The decode loop only knows `CloudLink`; whether the deep layers run in this process (`--cloud local`) or
+behind a WebSocket does not change a token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from offramp.cloud.engine import DeepEngine, DeepResult, ExtendRequest
+from offramp.shared.codecs import get_codec
+from offramp.shared.errors import OfframpError
+from offramp.shared.sampling import SamplingParams
+
+
+class CloudUnavailableError(OfframpError):
+    """The cloud cannot be reached in time; the edge falls back to its own exit head."""
+
+
+@dataclass
+class LinkStats:
+    bytes_up: int = 0
+    bytes_down: int = 0
+    round_trips: int = 0
+
+
+class CloudLink(Protocol):
+    codec: str
+    deep_layers: int  # layers the cloud runs per position (N - K)
+    stats: LinkStats
+
+    async def open_session(self, session_id: str) -> None: ...
+
+    async def extend(
+        self,
+        session_id: str,
+        start: int,
+        hidden: np.ndarray,
+        want_token: bool,
+        sampling: SamplingParams,
+        u: float,
+    ) -> DeepResult:
+        """Send hidden states of positions start..start+n-1; raises ContextMismatchError or CloudUnavailableError."""
+        ...
+
+    async def close_session(self, session_id: str) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class LocalCloudLink:
+    """The cloud engine in this process; hidden states still go through the codec, so results match the wire."""
+
+    def __init__(self, engine: DeepEngine, codec: str = "fp32") -> None:
+        self.engine = engine
+        self.codec = codec
+        self._codec = get_codec(codec)
+        self.deep_layers = engine.cloud.num_layers
+        self.stats = LinkStats()
+
+    async def open_session(self, session_id: str) -> None:
+        self.engine.contexts.open(session_id)
+
+    async def extend(
+        self,
+        session_id: str,
+        start: int,
+        hidden: np.ndarray,
+        want_token: bool,
+        sampling: SamplingParams,
+        u: float,
+    ) -> DeepResult:
+        rows, width = hidden.shape
+        payload = self._codec.encode(hidden)
+        self.stats.bytes_up += len(payload)
+        decoded = self._codec.decode(payload, rows, width)
+        result = self.engine.extend(ExtendRequest(session_id, start, decoded, "", want_token, sampling, u))
+        self.stats.bytes_down += 8 * len(result.predicted) + (4 if result.token is not None else 0)
+        self.stats.round_trips += 1
+        return result
+
+    async def close_session(self, session_id: str) -> None:
+        self.engine.contexts.close(session_id)
+
+    async def aclose(self) -> None:
+        return None
