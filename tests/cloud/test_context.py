@@ -1,0 +1,79 @@
+"""The cloud context manager: budget with LRU eviction, idle TTL, explicit close, ownership, session cap."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offramp.cloud.context import ContextManager, SessionLimitError, SessionOwnerError, UnknownSessionError
+
+
+def kv(positions: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Two layers of [1, 2, positions, 4] fp32: 2 * 2 * 32 * positions bytes."""
+    return [(torch.zeros(1, 2, positions, 4), torch.zeros(1, 2, positions, 4)) for _ in range(2)]
+
+
+def test_budget_evicts_least_recently_used_first() -> None:
+    evicted = []
+    cm = ContextManager(budget_bytes=3 * 1280)  # 10 positions = 1280 bytes
+    cm.on_evict = lambda ctx, reason: evicted.append((ctx.session_id, reason))
+    for sid in "abc":
+        cm.commit(cm.open(sid), kv(10), 10)
+    cm.get("a")  # a is now most recent; b is the oldest
+    cm.commit(cm.open("d"), kv(10), 10)
+    assert evicted == [("b", "memory budget")]
+    assert "b" not in cm and all(s in cm for s in "acd")
+    assert cm.nbytes <= 3 * 1280 and cm.evictions == 1
+
+
+def test_the_session_being_served_is_never_evicted_for_itself() -> None:
+    cm = ContextManager(budget_bytes=100)
+    ctx = cm.open("big")
+    cm.commit(ctx, kv(10), 10)
+    assert "big" in cm and ctx.length == 10
+
+
+def test_idle_sessions_expire_after_ttl() -> None:
+    now = [0.0]
+    cm = ContextManager(ttl_s=5.0, clock=lambda: now[0])
+    cm.open("old")
+    now[0] = 3.0
+    cm.open("new")
+    now[0] = 6.0
+    assert cm.expire() == ["old"]
+    assert "new" in cm
+
+
+def test_close_and_unknown_sessions() -> None:
+    cm = ContextManager()
+    cm.open("s")
+    assert cm.close("s") is True and cm.close("s") is False
+    with pytest.raises(UnknownSessionError, match="'s'"):
+        cm.get("s")
+    assert cm.lookup("s").length == 0  # lookup re-opens an evicted/unknown session empty
+
+
+def test_sessions_belong_to_their_owner() -> None:
+    cm = ContextManager()
+    cm.open("s", owner="alice")
+    for call in (lambda: cm.get("s", "mallory"), lambda: cm.open("s", "mallory"), lambda: cm.close("s", "mallory")):
+        with pytest.raises(SessionOwnerError):
+            call()
+    assert cm.get("s", "alice").owner == "alice"
+
+
+def test_session_cap() -> None:
+    cm = ContextManager(max_sessions=2)
+    cm.open("a"), cm.open("b")
+    with pytest.raises(SessionLimitError, match="limit"):
+        cm.open("c")
+    cm.close("a")
+    cm.open("c")
+
+
+def test_truncate_drops_later_positions() -> None:
+    cm = ContextManager()
+    ctx = cm.open("s")
+    cm.commit(ctx, kv(10), 10)
+    ctx.truncate(4)
+    assert ctx.length == 4 and ctx.kv[0][0].shape[2] == 4

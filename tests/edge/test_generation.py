@@ -1,0 +1,159 @@
+"""The collaborative decode loop on tiny models with the in-process cloud: exactness, accounting, recovery."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from offramp.cloud.full_model import FullModelRunner
+from offramp.edge.assemble import build_local_link
+from offramp.edge.generation import CLOUD, EDGE, FALLBACK, CollaborativeDecoder, DecodeOptions
+from offramp.edge.link import CloudUnavailableError
+from offramp.edge.torch_runtime import TorchEdgeRuntime
+from offramp.models.split import EdgePart
+from offramp.shared.sampling import SamplingParams
+from tests.conftest import make_tiny_llama
+
+K = 2
+PROMPT = [5, 17, 3, 99, 42, 8]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny_llama(num_layers=4, seed=11)
+
+
+async def run(decoder: CollaborativeDecoder, options: DecodeOptions, prompt=PROMPT):
+    events = [e async for e in decoder.stream(prompt, options)]
+    return [e.token_id for e in events], [e.source for e in events]
+
+
+def full_greedy(model, prompt, n) -> list[int]:
+    return list(FullModelRunner(model).generate_ids(prompt, n))
+
+
+def edge_only_greedy(model, prompt, n) -> list[int]:
+    runtime = TorchEdgeRuntime(EdgePart(model, K))
+    tokens, step = [], runtime.run(prompt)
+    for _ in range(n):
+        tokens.append(int(np.argmax(step.logits)))
+        step = runtime.run([tokens[-1]])
+    return tokens
+
+
+async def test_always_escalate_equals_full_model(model) -> None:
+    decoder = CollaborativeDecoder(TorchEdgeRuntime(EdgePart(model, K)), build_local_link(model, K, "fp32"), 4)
+    tokens, sources = await run(decoder, DecodeOptions(max_new_tokens=25, threshold=1.5))
+    assert tokens == full_greedy(model, PROMPT, 25)
+    assert set(sources) == {CLOUD}
+    stats = decoder.stats
+    assert stats.escalations == 25 and stats.edge_exits == 0
+    # every position (prompt + all generated but the last) went through the 2 deep layers once
+    positions = len(PROMPT) + 24
+    assert stats.cloud_layer_tokens == positions * 2
+    assert stats.full_layer_tokens == positions * 4
+    assert stats.bytes_up == positions * 64 * 4  # fp32 payload, 64-wide hidden
+
+
+async def test_never_escalating_is_edge_only_and_sends_nothing(model) -> None:
+    decoder = CollaborativeDecoder(TorchEdgeRuntime(EdgePart(model, K)), build_local_link(model, K, "fp32"), 4)
+    tokens, sources = await run(decoder, DecodeOptions(max_new_tokens=20, threshold=0.0))
+    assert tokens == edge_only_greedy(model, PROMPT, 20)
+    assert set(sources) == {EDGE}
+    assert decoder.stats.bytes_up == 0 and decoder.stats.cloud_layer_tokens == 0
+
+
+async def test_mixed_exits_catch_up_and_check_agreement(model) -> None:
+    """Alternate exit and escalate: the cloud catches up exited positions and the edge learns its agreement."""
+    flips = iter([1.0, 0.0] * 50)
+    decoder = CollaborativeDecoder(
+        TorchEdgeRuntime(EdgePart(model, K)), build_local_link(model, K, "fp32"), 4, confidence=lambda lg, h: next(flips)
+    )
+    tokens, sources = await run(decoder, DecodeOptions(max_new_tokens=12, threshold=0.5))
+    assert sources == [EDGE, CLOUD] * 6
+    assert decoder.stats.checked_exits == 6  # every exited token was checked by the following catch-up
+    # cloud tokens are the full model's prediction given the (possibly edge-chosen) prefix
+    runner = FullModelRunner(model)
+    for i, (token, source) in enumerate(zip(tokens, sources)):
+        if source == CLOUD:
+            assert token == next(runner.generate_ids(PROMPT + tokens[:i], 1))
+
+
+class EvictingLink:
+    """Wraps a local link and evicts the session on the cloud before every `every`-th request."""
+
+    def __init__(self, inner, every: int) -> None:
+        self.inner, self.every, self.calls = inner, every, 0
+        self.codec, self.deep_layers, self.stats = inner.codec, inner.deep_layers, inner.stats
+
+    async def open_session(self, sid):
+        await self.inner.open_session(sid)
+
+    async def extend(self, sid, *args):
+        self.calls += 1
+        if self.calls % self.every == 0:
+            self.inner.engine.contexts.evict(sid, "test")
+        return await self.inner.extend(sid, *args)
+
+    async def close_session(self, sid):
+        await self.inner.close_session(sid)
+
+    async def aclose(self):
+        await self.inner.aclose()
+
+
+async def test_evicted_session_is_rebuilt_and_tokens_are_unchanged(model) -> None:
+    options = DecodeOptions(max_new_tokens=20, threshold=1.5)
+    baseline, _ = await run(CollaborativeDecoder(TorchEdgeRuntime(EdgePart(model, K)), build_local_link(model, K), 4), options)
+    link = EvictingLink(build_local_link(model, K), every=4)
+    decoder = CollaborativeDecoder(TorchEdgeRuntime(EdgePart(model, K)), link, 4)
+    tokens, sources = await run(decoder, options)
+    assert tokens == baseline and set(sources) == {CLOUD}
+    assert link.inner.engine.contexts.evictions >= 4
+
+
+class DeadLink:
+    codec, deep_layers = "fp32", 2
+
+    def __init__(self) -> None:
+        from offramp.edge.link import LinkStats
+
+        self.stats = LinkStats()
+
+    async def open_session(self, sid):
+        raise CloudUnavailableError("down")
+
+    async def extend(self, *args):
+        raise CloudUnavailableError("down")
+
+    async def close_session(self, sid):
+        raise CloudUnavailableError("down")
+
+    async def aclose(self):
+        return None
+
+
+async def test_unreachable_cloud_falls_back_to_the_edge(model) -> None:
+    decoder = CollaborativeDecoder(TorchEdgeRuntime(EdgePart(model, K)), DeadLink(), 4)
+    tokens, sources = await run(decoder, DecodeOptions(max_new_tokens=10, threshold=1.5))
+    assert tokens == edge_only_greedy(model, PROMPT, 10)
+    assert sources == [FALLBACK] * 10 and decoder.stats.fallback_tokens == 10
+
+
+async def test_seeded_sampling_is_reproducible_and_stops_on_stop_id(model) -> None:
+    options = DecodeOptions(max_new_tokens=30, threshold=0.3, sampling=SamplingParams(1.0, 0.9), seed=123)
+    make = lambda: CollaborativeDecoder(TorchEdgeRuntime(EdgePart(model, K)), build_local_link(model, K), 4)  # noqa: E731
+    first, _ = await run(make(), options)
+    second, _ = await run(make(), options)
+    assert first == second
+    stop = first[3]
+    options.stop_ids = [stop]
+    stopped, _ = await run(make(), options)
+    assert stopped == first[: first.index(stop) + 1]
+
+
+async def test_empty_prompt_is_refused(model) -> None:
+    decoder = CollaborativeDecoder(TorchEdgeRuntime(EdgePart(model, K)), None, 4)
+    with pytest.raises(ValueError, match="at least one token"):
+        await run(decoder, DecodeOptions(), prompt=[])
