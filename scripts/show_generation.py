@@ -1,0 +1,30 @@
+"""Pretty-print one `offramp generate --json` result: the text, who decided each token, and the statistics."""
+
+import json
+import sys
+
+
+def main() -> None:
+    result = json.load(sys.stdin)
+    stats = result["stats"]
+    print(f"\n{result['text']}\n")
+    marks = {"edge": ".", "cloud": "C", "edge-fallback": "F"}
+    print("token sources (. edge, C cloud, F edge-fallback):", "".join(marks[s] for s in result["sources"]))
+    print(f"mode {result['mode']}, exit layer {result['exit_layer']}, threshold {result['threshold']}")
+    rows = [
+        ("tokens", stats["tokens"]),
+        ("edge exits", f"{stats['edge_exits']} ({stats['edge_exits'] / max(stats['tokens'], 1):.0%})"),
+        ("escalations", stats["escalations"]),
+        ("fallback tokens", stats["fallback_tokens"]),
+        ("bytes up / down", f"{stats['bytes_up']} / {stats['bytes_down']}"),
+        ("cloud layer-tokens", f"{stats['cloud_layer_tokens']} of {stats['full_layer_tokens']} "
+         f"({stats['cloud_layer_tokens'] / max(stats['full_layer_tokens'], 1):.0%} of cloud-only)"),
+        ("time to first token", f"{stats['ttft_s'] * 1000:.0f} ms"),
+        ("wall time", f"{stats['wall_s']:.2f} s ({stats['tokens'] / max(stats['wall_s'], 1e-9):.1f} tok/s)"),
+    ]
+    for name, value in rows:
+        print(f"  {name:<20} {value}")
+
+
+if __name__ == "__main__":
+    main()
