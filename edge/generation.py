@@ -8,16 +8,18 @@ never a failed request.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from offramp.cloud.engine import ContextMismatchError
 from offramp.edge.link import CloudLink, CloudUnavailableError
-from offramp.edge.runtime import EdgeRuntime
+from offramp.edge.runtime import EdgeRuntime, EdgeStep
 from offramp.shared.sampling import SamplingParams, pick_token, softmax
 
 EDGE, CLOUD, FALLBACK = "edge", "cloud", "edge-fallback"
@@ -74,11 +76,13 @@ class CollaborativeDecoder:
         link: CloudLink | None,
         total_layers: int,
         confidence: Confidence = max_prob_confidence,
+        executor: Executor | None = None,
     ) -> None:
         self.runtime = runtime
         self.link = link
         self.total_layers = total_layers
         self.confidence = confidence
+        self.executor = executor  # where edge steps run; None = inline (a server passes a pool so its loop stays free)
         self.stats = GenerationStats()
 
     @property
@@ -105,7 +109,7 @@ class CollaborativeDecoder:
             except CloudUnavailableError:
                 link_up = False
 
-        step = self.runtime.run(list(prompt_ids))
+        step = await self._run(list(prompt_ids))
         hidden_log.extend(step.hidden)
         try:
             for _ in range(options.max_new_tokens):
@@ -133,7 +137,7 @@ class CollaborativeDecoder:
                 if token in options.stop_ids or self.runtime.length >= self.runtime.max_positions:
                     break
                 if stats.tokens < options.max_new_tokens:
-                    step = self.runtime.run([token])
+                    step = await self._run([token])
                     hidden_log.append(step.hidden[-1])
         finally:
             if self.link is not None and link_up:
@@ -147,6 +151,11 @@ class CollaborativeDecoder:
             stats.bytes_up = link_after[0] - link_before[0]
             stats.bytes_down = link_after[1] - link_before[1]
             stats.wall_s = time.perf_counter() - started
+
+    async def _run(self, input_ids: list[int]) -> EdgeStep:
+        if self.executor is None:
+            return self.runtime.run(input_ids)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self.runtime.run, input_ids)
 
     async def _escalate(
         self,
