@@ -1,4 +1,4 @@
-"""`offramp generate` (and, later, `offramp edge serve`)."""
+"""`offramp generate` and `offramp edge serve`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import json
 import sys
 import time
+from pathlib import Path
 
 from offramp.edge.assemble import EDGE_PRECISIONS, build_edge_runtime, build_local_link
 from offramp.edge.generation import CLOUD, CollaborativeDecoder, DecodeOptions, GenerationStats
@@ -31,6 +32,64 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.set_defaults(func=run_generate)
+
+    edge = subparsers.add_parser("edge", help="the edge daemon")
+    edge_commands = edge.add_subparsers(dest="edge_command", required=True)
+    register_serve(edge_commands)
+
+
+def register_serve(subparsers: argparse._SubParsersAction) -> None:
+    """`offramp edge serve`: an OpenAI-compatible HTTP API on this machine (see offramp.edge.daemon)."""
+    from offramp.edge.daemon import DEFAULT_PORT
+
+    p = subparsers.add_parser("serve", help="serve an OpenAI-compatible API (loopback by default)")
+    p.add_argument("--cloud", required=True, help="'none' (edge-standalone), 'local' (in-process), or ws://HOST:PORT")
+    p.add_argument("--model", default="default", help="'default', a local HF checkpoint dir, or a .gguf file")
+    p.add_argument("--exit-layer", type=int, default=15)
+    p.add_argument("--threshold", type=float, default=0.9, help="exit confidence threshold; > 1 never exits")
+    p.add_argument("--edge-precision", choices=EDGE_PRECISIONS, default="int8")
+    p.add_argument("--codec", choices=sorted(CODECS), default="fp16", help="hidden-state codec on the link")
+    p.add_argument("--host", default="127.0.0.1", help="bind address; anything but loopback needs --token-file")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port (printed at start)")
+    p.add_argument("--token-file", type=Path, default=None, help="file holding the bearer token clients must send")
+    p.add_argument("--cloud-token-file", type=Path, default=None, help="file holding the bearer token for a ws:// cloud")
+    p.add_argument("--artifacts", type=Path, default=None, help="directory of trained exit heads / exported graphs")
+    p.add_argument("--max-sessions", type=int, default=16, help="concurrent requests; more get 429")
+    p.add_argument("--workers", type=int, default=None, help="compute threads (default: CPU cores)")
+    p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (413 beyond)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients see (default: the model's name)")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from offramp.edge.daemon import DaemonConfig, read_token, serve
+    from offramp.edge.sessions import EngineConfig
+
+    engine = EngineConfig(
+        model=args.model,
+        exit_layer=args.exit_layer,
+        precision=args.edge_precision,
+        cloud=args.cloud,
+        codec=args.codec,
+        threshold=args.threshold,
+        max_sessions=args.max_sessions,
+        workers=args.workers,
+        artifacts=args.artifacts,
+        cloud_token=read_token(args.cloud_token_file) if args.cloud_token_file else None,
+    )
+    config = DaemonConfig(
+        engine=engine,
+        host=args.host,
+        port=args.port,
+        token_file=args.token_file,
+        max_body_bytes=args.max_body_bytes,
+        max_tokens_limit=args.max_tokens_limit,
+        default_max_tokens=min(256, args.max_tokens_limit),
+        served_model_name=args.served_model_name,
+    )
+    serve(config)
+    return 0
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:

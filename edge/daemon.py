@@ -1,0 +1,425 @@
+"""`offramp edge serve`: the edge daemon, an OpenAI-compatible HTTP server over `EdgeService`.
+
+Layers, as in vLLM: this module routes, authenticates, streams and counts; `openai_api` validates and shapes;
+`sessions` generates. `make_app(config)` builds the aiohttp application so tests can run it on a random port.
+
+    offramp edge serve --cloud none                       # edge-standalone on 127.0.0.1:8710
+    offramp edge serve --cloud ws://gpu-box:8720 --token-file ~/.offramp/edge-token --host 0.0.0.0
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from offramp.edge.generation import CLOUD, EDGE, FALLBACK
+from offramp.edge.openai_api import (
+    APIError,
+    ChunkShaper,
+    Limits,
+    chat_object,
+    completion_object,
+    new_id,
+    parse_chat,
+    parse_completion,
+    parse_json_body,
+    resolve_max_tokens,
+)
+from offramp.edge.sessions import BusyError, EdgeService, EngineConfig, TextRequest, TextResult
+from offramp.shared.errors import OfframpError
+from offramp.shared.sampling import SamplingParams
+from offramp.shared.version import __version__
+
+log = logging.getLogger("offramp.edge.daemon")
+
+DEFAULT_PORT = 8710
+OPEN_ROUTES = frozenset({"/healthz"})  # answer without a token, so a supervisor can probe
+DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
+
+
+class DaemonConfigError(OfframpError, ValueError):
+    """A daemon setting that is unsafe or cannot work (a public bind without a token, an empty token file)."""
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and 'localhost'; everything else (0.0.0.0 included) is reachable from outside."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token(path: Path) -> str:
+    """The bearer token from a file (whitespace stripped); the token itself never appears in errors or logs."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DaemonConfigError(f"cannot read the token file {str(path)!r}: {exc.__class__.__name__}") from None
+    if not token:
+        raise DaemonConfigError(f"the token file {str(path)!r} is empty")
+    return token
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Everything `offramp edge serve` takes; the engine part is shared with the SDK's LocalEngine."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    token_file: Path | None = None
+    max_body_bytes: int = 1 << 20  # 1 MiB: a long prompt fits; beyond is 413
+    max_tokens_limit: int = 4096
+    default_max_tokens: int = 256
+    served_model_name: str | None = None
+    shutdown_timeout_s: float = 30.0  # SIGTERM: in-flight requests get this long to finish
+
+    def __post_init__(self) -> None:
+        if not is_loopback(self.host) and self.token_file is None:
+            raise DaemonConfigError(
+                f"binding to {self.host!r} exposes the daemon beyond this machine; pass --token-file with a bearer token"
+            )
+        if not 0 <= self.port <= 65535:
+            raise DaemonConfigError(f"port {self.port} is not in 0..65535")
+        if self.max_body_bytes < 1024:
+            raise DaemonConfigError(f"max_body_bytes {self.max_body_bytes} is too small for any request")
+        if not 1 <= self.default_max_tokens <= self.max_tokens_limit:
+            raise DaemonConfigError(
+                f"default_max_tokens {self.default_max_tokens} must be in 1..max_tokens_limit ({self.max_tokens_limit})"
+            )
+
+    @property
+    def model_name(self) -> str:
+        """The id clients send as `model` (also accepted: 'default')."""
+        if self.served_model_name:
+            return self.served_model_name
+        if self.engine.model == "default":
+            return DEFAULT_SERVED_NAME
+        return Path(self.engine.model).name.removesuffix(".gguf")
+
+
+class Metrics:
+    """The daemon's Prometheus metrics, in a registry of its own (so several apps can live in one process)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("offramp_edge_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.running = Gauge("offramp_edge_requests_running", "Generations in progress", registry=r)
+        self.tokens = Counter("offramp_edge_generated_tokens", "Generated tokens by where they were decided", ["source"], registry=r)
+        for source in (EDGE, CLOUD, FALLBACK):
+            self.tokens.labels(source)
+        self.prompt_tokens = Counter("offramp_edge_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.link_bytes = Counter("offramp_edge_link_bytes", "Hidden-state and token bytes on the cloud link", ["direction"], registry=r)
+        for direction in ("up", "down"):
+            self.link_bytes.labels(direction)
+        self.ttft = Histogram(
+            "offramp_edge_time_to_first_token_seconds",
+            "Time from the request to its first token",
+            buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.duration = Histogram(
+            "offramp_edge_request_duration_seconds",
+            "Generation wall time",
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=r,
+        )
+        self.disconnects = Counter("offramp_edge_client_disconnects", "Clients that left before their generation ended", registry=r)
+        self.sessions = Gauge("offramp_edge_sessions_active", "Edge sessions (runtimes) in use", registry=r)
+        self.cloud_up = Gauge("offramp_edge_cloud_link_up", "1 if the last cloud call succeeded, 0 if it failed, -1 without a cloud", registry=r)
+
+    def observe(self, result: TextResult) -> None:
+        stats = result.stats
+        self.prompt_tokens.inc(result.prompt_tokens)
+        self.tokens.labels(EDGE).inc(stats.edge_exits)
+        self.tokens.labels(CLOUD).inc(stats.escalations)
+        self.tokens.labels(FALLBACK).inc(stats.fallback_tokens)
+        self.link_bytes.labels("up").inc(stats.bytes_up)
+        self.link_bytes.labels("down").inc(stats.bytes_down)
+        if stats.tokens:
+            self.ttft.observe(stats.ttft_s)
+        self.duration.observe(stats.wall_s)
+
+
+CONFIG = web.AppKey("config", DaemonConfig)
+SERVICE = web.AppKey("service", EdgeService)
+METRICS = web.AppKey("metrics", Metrics)
+LIMITS = web.AppKey("limits", Limits)
+TOKEN = web.AppKey("token", str)
+STARTED = web.AppKey("started", int)
+
+
+def make_app(config: DaemonConfig, service: EdgeService | None = None, *, close_service: bool | None = None) -> web.Application:
+    """The daemon's application. Without `service`, the model is loaded at start-up. The service is closed at
+    cleanup when the app made it (or `close_service=True`); a borrowed one lets tests share one model between apps."""
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_errors, _auth])
+    app[CONFIG] = config
+    app[METRICS] = Metrics()
+    app[STARTED] = int(time.time())
+    if config.token_file is not None:
+        app[TOKEN] = read_token(config.token_file)
+    app.cleanup_ctx.append(_service_ctx(service, service is None if close_service is None else close_service))
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+def _service_ctx(service: EdgeService | None, close: bool) -> Any:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        svc = service if service is not None else await asyncio.to_thread(EdgeService.load, app[CONFIG].engine)
+        app[SERVICE] = svc
+        app[LIMITS] = Limits(
+            served_model=app[CONFIG].model_name,
+            context_length=svc.max_positions,
+            max_tokens_limit=app[CONFIG].max_tokens_limit,
+            default_max_tokens=app[CONFIG].default_max_tokens,
+        )
+        m = app[METRICS]
+        m.sessions.set_function(lambda: svc.pool.active)
+        m.cloud_up.set_function(lambda: {"up": 1, "down": 0}.get(svc.health.state, -1 if svc.link is None else 1))
+        yield
+        if close:
+            await svc.aclose()
+
+    return ctx
+
+
+# -- middlewares ------------------------------------------------------------------------------------------------
+
+
+def _error_response(exc: APIError) -> web.Response:
+    return web.json_response(exc.body(), status=exc.status)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every refusal leaves as an OpenAI-style error body; an unexpected failure is a 500, and the daemon goes on."""
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    metrics = request.app[METRICS]
+    try:
+        response = await handler(request)
+    except APIError as exc:
+        response = _error_response(exc)
+    except web.HTTPRequestEntityTooLarge as exc:
+        limit = request.app[CONFIG].max_body_bytes
+        response = _error_response(
+            APIError(f"request body is larger than this daemon's limit of {limit} bytes", status=413, code="request_too_large")
+        )
+        del exc
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
+        message = f"{request.method} {request.path}: {exc.reason}"
+        response = _error_response(APIError(message, status=exc.status, code=kind))
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        response = _error_response(APIError("internal error; see the daemon's log", status=500, type="server_error", code="internal_error"))
+    metrics.requests.labels(route, str(response.status)).inc()
+    return response
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Any) -> web.StreamResponse:
+    """With a token configured, every route but /healthz needs `Authorization: Bearer <token>` (constant-time check)."""
+    token = request.app.get(TOKEN)
+    if token is not None and request.path not in OPEN_ROUTES:
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise APIError("missing or wrong bearer token", status=401, type="authentication_error", code="invalid_api_key")
+    return await handler(request)
+
+
+# -- routes -----------------------------------------------------------------------------------------------------
+
+
+async def models(request: web.Request) -> web.Response:
+    name = request.app[LIMITS].served_model
+    data = [{"id": name, "object": "model", "created": request.app[STARTED], "owned_by": "offramp"}]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """200 while the edge can serve (even if the cloud is down: it falls back); 503 once shutting down."""
+    service = request.app[SERVICE]
+    cloud = service.link_state()
+    status = "shutting_down" if service.closed else ("degraded" if cloud["state"] == "down" else "ok")
+    body = {"status": status, "version": __version__, "edge": service.describe(), "cloud": cloud}
+    return web.json_response(body, status=503 if service.closed else 200)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    payload = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, chat=False)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, chat=True)
+
+
+async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
+    service, limits, metrics = request.app[SERVICE], request.app[LIMITS], request.app[METRICS]
+    body = parse_json_body(await request.read())
+    if chat:
+        parsed = parse_chat(body, limits)
+        prompt_ids = await service.run_in_pool(_encode_chat, service, parsed.messages)
+    else:
+        parsed = parse_completion(body, limits, service.vocab_size)
+        prompt = parsed.prompt
+        prompt_ids = list(prompt) if isinstance(prompt, list) else await service.run_in_pool(service.encode_text, prompt)
+    if not prompt_ids:
+        raise APIError("the prompt encodes to no tokens", param="prompt", code="invalid_value")
+    params = parsed.params
+    max_tokens = resolve_max_tokens(params, len(prompt_ids), limits)
+    text_request = TextRequest(prompt_ids, max_tokens, SamplingParams(params.temperature, params.top_p), params.seed, params.stop)
+    try:
+        generation = service.generate(text_request)
+    except BusyError as exc:
+        raise APIError(str(exc), status=429, type="rate_limit_error", code="too_many_sessions") from None
+    metrics.running.inc()
+    try:
+        if params.stream:
+            return await _stream(request, generation, chat, limits.served_model, params.include_usage)
+        return await _complete(request, generation, chat, limits.served_model)
+    finally:
+        metrics.running.dec()
+        await generation.aclose()  # frees the runtime and the cloud session whatever happened
+        if generation.result is not None:
+            metrics.observe(generation.result)
+
+
+def _encode_chat(service: EdgeService, messages: list[dict[str, str]]) -> list[int]:
+    try:
+        return service.encode_chat(messages)
+    except Exception as exc:  # the template is the model's own Jinja: it may refuse an order of roles
+        raise APIError(f"the model's chat template refused these messages: {exc}", param="messages", code="invalid_value") from None
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _offramp(request: web.Request, result: TextResult) -> dict[str, Any]:
+    engine = request.app[CONFIG].engine
+    return result.offramp_fields(engine.exit_layer, engine.threshold)
+
+
+async def _complete(request: web.Request, generation: Any, chat: bool, model: str) -> web.StreamResponse:
+    async for _ in generation:
+        if _client_gone(request):
+            request.app[METRICS].disconnects.inc()
+            log.info("client left %s before its completion; session freed", request.path)
+            return web.Response(status=499)
+    result = generation.result
+    assert result is not None
+    rid, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
+    shape = chat_object if chat else completion_object
+    return web.json_response(shape(rid, model, created, result, _offramp(request, result)))
+
+
+async def _stream(request: web.Request, generation: Any, chat: bool, model: str, include_usage: bool) -> web.StreamResponse:
+    """Server-sent events in OpenAI's chunk format; the final chunk carries finish_reason, usage and `offramp`."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    shaper = ChunkShaper.start(chat, model)
+
+    async def send(obj: dict[str, Any]) -> None:
+        await response.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
+
+    try:
+        first = shaper.first()
+        if first is not None:
+            await send(first)
+        async for delta in generation:
+            if _client_gone(request):
+                raise ConnectionResetError("client went away")
+            if delta.text:
+                await send(shaper.piece(delta.text, delta.token_ids, delta.sources))
+        result = generation.result
+        assert result is not None
+        await send(shaper.final(result, _offramp(request, result)))
+        if include_usage:
+            await send(shaper.usage_only(result))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+    except ConnectionResetError:
+        request.app[METRICS].disconnects.inc()
+        log.info("client left %s mid-stream; session freed", request.path)
+    except Exception as exc:  # headers are sent: report in-band, as OpenAI does, then end the stream
+        log.exception("generation failed mid-stream")
+        try:
+            await send(APIError(str(exc), status=500, type="server_error", code="generation_failed").body())
+            await response.write(b"data: [DONE]\n\n")
+        except ConnectionResetError:
+            pass
+    return response
+
+
+# -- serving ----------------------------------------------------------------------------------------------------
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind first (port 0 picks a free one) so the actual address can be printed before serving."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise DaemonConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def serve(config: DaemonConfig) -> None:
+    """Load the model, bind, print the address, serve until SIGINT/SIGTERM (in-flight requests drain first)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from offramp.models import load_model
+
+    if config.token_file is not None:
+        read_token(config.token_file)  # fail before the slow part
+    model, tokenizer = load_model(config.engine.model)
+    sock = bind_socket(config.host, config.port)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+
+    async def app_factory() -> web.Application:
+        # the service (and its cloud link) is built inside the serving loop, which it then belongs to
+        service = EdgeService(model, tokenizer, config.engine)
+        print(
+            f"offramp edge serve: listening on http://{shown}:{port} (model {config.model_name}, {service.mode}, "
+            f"cloud {config.engine.cloud}, exit layer {config.engine.exit_layer}, edge {config.engine.precision})",
+            flush=True,
+        )
+        return make_app(config, service, close_service=True)
+
+    web.run_app(
+        app_factory(), sock=sock, print=None, shutdown_timeout=config.shutdown_timeout_s, access_log=logging.getLogger("aiohttp.access")
+    )
