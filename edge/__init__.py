@@ -1,1 +1,28 @@
-"""The edge: shallow layers + exit head in ONNX Runtime (or PyTorch), the decode loop, the cloud link."""
+"""The edge: shallow layers + exit head in ONNX Runtime (or PyTorch), the decode loop, the cloud link.
+
+For apps: `Client` / `AsyncClient` talk to a running `offramp edge serve`; `LocalEngine` embeds the edge (and
+optionally the cloud) in-process. They are imported lazily, so `from offramp.edge import Client` does not load torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_EXPORTS = {
+    "Client": "offramp.edge.client",
+    "AsyncClient": "offramp.edge.client",
+    "Completion": "offramp.edge.client",
+    "ClientError": "offramp.edge.client",
+    "LocalEngine": "offramp.edge.local",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'offramp.edge' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

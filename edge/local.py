@@ -1,0 +1,295 @@
+"""`LocalEngine`: the edge runtime (and optionally the cloud) inside your process, for apps that want no daemon.
+
+Same engine as the daemon (`EdgeService`), same results, same `Completion`:
+
+    >>> from offramp.edge import LocalEngine
+    >>> with LocalEngine(cloud="local", precision="torch") as engine:       # edge + in-process cloud
+    ...     done = engine.generate("What is gravity?", chat=True, max_tokens=32)
+    ...     print(done.text, done.stats["escalations"])
+    ...     for piece in engine.stream("Write a haiku about rain.", chat=True):
+    ...         print(piece, end="", flush=True)
+
+`cloud` is "none" (edge-standalone), "local" (deep layers in this process) or a ws:// URL of `offramp cloud
+serve`. The engine runs its own event loop on a background thread, so the sync methods work anywhere and the
+async ones (`agenerate`, `astream`) work from any loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from offramp.edge.client import Completion, Prompt
+from offramp.edge.sessions import EdgeService, EngineConfig, TextRequest, TextResult
+from offramp.shared.sampling import SamplingParams
+
+_DONE = object()
+
+
+def completion_from_result(result: TextResult, exit_layer: int, threshold: float) -> Completion:
+    """The SDK's Completion for a finished generation (what the daemon's response would carry)."""
+    offramp = result.offramp_fields(exit_layer, threshold)
+    usage = {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }
+    return Completion._with_offramp(result.text, result.finish_reason, usage, offramp)
+
+
+class LocalStream:
+    """Text pieces from an in-process generation; `completion` once exhausted; `close()` to stop early."""
+
+    def __init__(self, items: "queue.Queue[Any]", cancel: threading.Event) -> None:
+        self._items = items
+        self._cancel = cancel
+        self.completion: Completion | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            while True:
+                kind, value = self._items.get()
+                if kind == "piece":
+                    yield value
+                elif kind == "done":
+                    self.completion = value
+                    return
+                else:
+                    raise value
+        finally:
+            self._cancel.set()
+
+    def close(self) -> None:
+        self._cancel.set()
+
+
+class AsyncLocalStream:
+    """`async for piece in engine.astream(...)`; `completion` once exhausted."""
+
+    def __init__(self, start: Any) -> None:
+        self._start = start
+        self.completion: Completion | None = None
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        items: asyncio.Queue[Any] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        cancel = threading.Event()
+        self._start(lambda item: loop.call_soon_threadsafe(items.put_nowait, item), cancel)
+        try:
+            while True:
+                kind, value = await items.get()
+                if kind == "piece":
+                    yield value
+                elif kind == "done":
+                    self.completion = value
+                    return
+                else:
+                    raise value
+        finally:
+            cancel.set()
+
+
+class LocalEngine:
+    """Edge runtime + optional cloud in this process. Close it (or use `with`) to free the model and the link.
+
+    >>> engine = LocalEngine(cloud="none", precision="torch", threshold=0.9)
+    >>> engine.generate("The capital of France is", max_tokens=8).sources
+    ['edge', 'edge', ...]
+    >>> engine.close()
+    """
+
+    def __init__(
+        self,
+        model: str = "default",
+        *,
+        exit_layer: int = 15,
+        cloud: str = "none",
+        precision: str = "torch",
+        threshold: float = 0.9,
+        codec: str = "fp16",
+        cloud_token: str | None = None,
+        artifacts: str | Path | None = None,
+        max_sessions: int = 4,
+        loaded: tuple[Any, Any] | None = None,
+    ) -> None:
+        """`loaded=(model, tokenizer)` reuses weights already in memory instead of loading `model` again."""
+        self.config = EngineConfig(
+            model=model, exit_layer=exit_layer, precision=precision, cloud=cloud, codec=codec, threshold=threshold,
+            max_sessions=max_sessions, artifacts=Path(artifacts) if artifacts is not None else None, cloud_token=cloud_token,
+        )
+        if loaded is None:
+            from offramp.models import load_model
+
+            loaded = load_model(model)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="offramp-local-engine", daemon=True)
+        self._thread.start()
+        model_obj, tokenizer = loaded
+        try:
+            self.service: EdgeService = self._call(self._build(model_obj, tokenizer))
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    async def _build(self, model: Any, tokenizer: Any) -> EdgeService:
+        return EdgeService(model, tokenizer, self.config)
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.service.tokenizer
+
+    def _request(
+        self,
+        prompt: Prompt,
+        chat: bool,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop: str | Sequence[str] | None,
+        seed: int | None,
+        system: str | None,
+    ) -> TextRequest:
+        if chat:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+            if system is not None:
+                messages.insert(0, {"role": "system", "content": system})
+            ids = self.service.encode_chat(messages)
+        elif isinstance(prompt, str):
+            ids = self.service.encode_text(prompt)
+        else:
+            raise TypeError(f"a completion prompt must be a string (pass chat=True for messages), got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens")
+        room = self.service.max_positions - len(ids)
+        if room < 1:
+            raise ValueError(f"the prompt is {len(ids)} tokens; the context length is {self.service.max_positions}")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        return TextRequest(ids, min(max_tokens, room), SamplingParams(temperature, top_p), seed, stops)
+
+    def _start(self, request: TextRequest, put: Any, cancel: threading.Event) -> None:
+        """Run one generation on the engine's loop, pushing ("piece", str) / ("done", Completion) / ("error", exc)."""
+
+        async def pump() -> None:
+            try:
+                generation = self.service.generate(request)
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                put(("error", exc))
+                return
+            try:
+                async for delta in generation:
+                    if cancel.is_set():
+                        break
+                    if delta.text:
+                        put(("piece", delta.text))
+                await generation.aclose()
+                if generation.result is not None:
+                    put(("done", completion_from_result(generation.result, self.config.exit_layer, self.config.threshold)))
+            except BaseException as exc:  # noqa: BLE001
+                put(("error", exc))
+            finally:
+                await generation.aclose()
+
+        asyncio.run_coroutine_threadsafe(pump(), self._loop)
+
+    def generate(
+        self,
+        prompt: Prompt,
+        *,
+        chat: bool = False,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        system: str | None = None,
+    ) -> Completion:
+        """Generate to the end (blocking). Same arguments and result as `Client.generate`."""
+        stream = self.stream(prompt, chat=chat, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed, system=system)
+        for _ in stream:
+            pass
+        assert stream.completion is not None
+        return stream.completion
+
+    def stream(
+        self,
+        prompt: Prompt,
+        *,
+        chat: bool = False,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        system: str | None = None,
+    ) -> LocalStream:
+        """Text pieces as they are decided (blocking iterator)."""
+        request = self._request(prompt, chat, max_tokens, temperature, top_p, stop, seed, system)
+        items: queue.Queue[Any] = queue.Queue()
+        cancel = threading.Event()
+        self._start(request, items.put, cancel)
+        return LocalStream(items, cancel)
+
+    async def agenerate(
+        self,
+        prompt: Prompt,
+        *,
+        chat: bool = False,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        system: str | None = None,
+    ) -> Completion:
+        """`generate` for asyncio code (any loop)."""
+        stream = self.astream(prompt, chat=chat, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed, system=system)
+        async for _ in stream:
+            pass
+        assert stream.completion is not None
+        return stream.completion
+
+    def astream(
+        self,
+        prompt: Prompt,
+        *,
+        chat: bool = False,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        system: str | None = None,
+    ) -> AsyncLocalStream:
+        """`async for piece in engine.astream(...)`."""
+        request = self._request(prompt, chat, max_tokens, temperature, top_p, stop, seed, system)
+        return AsyncLocalStream(lambda put, cancel: self._start(request, put, cancel))
+
+    def close(self) -> None:
+        """Close the cloud link and stop the engine's loop."""
+        if self._loop.is_closed():
+            return
+        try:
+            self._call(self.service.aclose())
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def __enter__(self) -> "LocalEngine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
