@@ -1,0 +1,552 @@
+"""`scripts/bench`: collaborative vs cloud-only vs edge-only, over emulated networks, in one run, side by side.
+
+For each link profile the bench starts real `offramp cloud serve` processes (one per exit layer) behind the
+link emulator (its own process, profile switched through its control port), and runs on the same held-out
+prompts:
+- cloud-only: the prompt goes up, the cloud's full model streams tokens back (`POST /v1/completions`);
+- edge-only: layers 0..K-1 + exit head, no cloud (no network; measured once, shown with every profile);
+- collaborative: the real decode loop with a `WebSocketCloudLink`, at several thresholds, exit layers, codecs.
+Then the multi-client runs (N concurrent edges against one cloud vs N cloud-only clients), the edge step
+micro-benchmark, and `bench-results/<timestamp>/` with results.json, report.md and PNG plots.
+
+Conditions are identical for every mode: one intra-op thread per process, same prompts, same token budget,
+warm connections; cloud and edge share this machine's cores (the report says so, with the load average).
+`--cloud inprocess` runs the same modes with no network and no processes (a smoke test of the pieces).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_modes as bm  # noqa: E402
+import bench_report  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PROFILE_NAMES = ("lan", "wan", "cellular")
+
+
+@dataclass
+class BenchConfig:
+    """Everything one run measures; the defaults are the full bench, `quick()` the 3-minute one."""
+
+    model: str = "default"
+    prompts: int = 16
+    max_new_tokens: int = 64
+    profiles: list[str] = field(default_factory=lambda: list(PROFILE_NAMES))
+    exit_layers: list[int] = field(default_factory=lambda: [15, 20, 25])
+    thresholds: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95])
+    codecs: list[str] = field(default_factory=lambda: ["int8", "fp16", "fp32"])
+    codec_threshold: float | None = None  # the threshold the codec comparison runs at (default: the middle one)
+    edge_precision: str = "int8"
+    cloud: str = "serve"  # serve | inprocess
+    clients: list[int] = field(default_factory=lambda: [1, 4, 16, 32])
+    clients_profile: str = "wan"
+    requests_per_client: int = 1
+    edge_step_bench: bool = True
+    out_root: Path = ROOT / "bench-results"
+    quick: bool = False
+
+    @classmethod
+    def quick_config(cls) -> "BenchConfig":
+        return cls(prompts=4, max_new_tokens=24, exit_layers=[20], thresholds=[0.6, 0.9], codecs=["int8", "fp16"],
+                   clients=[1, 4], quick=True)
+
+    def collaborative_settings(self) -> list[tuple[int, float, str]]:
+        """(K, threshold, codec): every threshold at every K with the first codec; the other codecs at one point."""
+        settings = [(k, t, self.codecs[0]) for k in self.exit_layers for t in self.thresholds]
+        ct = self.codec_threshold if self.codec_threshold is not None else sorted(self.thresholds)[len(self.thresholds) // 2]
+        settings += [(self.exit_layers[0], ct, c) for c in self.codecs[1:]]
+        return list(dict.fromkeys(settings))
+
+
+# --------------------------------------------------------------------------------------------------- the edge side
+
+
+class Edge:
+    """The bench process's edge: model, runtimes per K, exit rule, agreement judge."""
+
+    def __init__(self, cfg: BenchConfig, model=None, tokenizer=None) -> None:
+        import torch
+
+        torch.set_num_threads(1)
+        from offramp.models import load_model
+
+        self.cfg = cfg
+        self.model, self.tokenizer = (model, tokenizer) if model is not None else load_model(cfg.model)
+        self.num_layers = self.model.config.num_hidden_layers
+        self.hidden_size = self.model.config.hidden_size
+        self.judge = bm.AgreementJudge(self.model)
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        self.stop_ids = [eos] if eos is not None else []
+        self._runtimes: dict[int, object] = {}
+        self._confidence: dict[int, object] = {}
+        self.precision_used: dict[int, str] = {}
+        self.exit_rule: dict[int, str] = {}
+
+    def runtime(self, k: int):
+        """The edge runtime for exit layer K: ONNX at the configured precision when it builds, else PyTorch."""
+        if k not in self._runtimes:
+            from offramp.edge.assemble import build_edge_runtime
+
+            head = None
+            precision = self.cfg.edge_precision
+            try:
+                self._runtimes[k] = build_edge_runtime(self.model, k, precision, self.cfg.model, head=head)
+            except Exception as exc:  # the ONNX runtime may not have landed: say so, measure with PyTorch
+                print(f"[bench] edge precision {precision} at K={k} unavailable ({type(exc).__name__}: {exc}); using torch")
+                precision = "torch"
+                self._runtimes[k] = build_edge_runtime(self.model, k, "torch", self.cfg.model, head=head)
+            self.precision_used[k] = precision
+        return self._runtimes[k]
+
+    def confidence(self, k: int):
+        """The calibrated exit rule when the router has one for K; else the max-softmax default."""
+        if k not in self._confidence:
+            fn, rule = bm.max_prob_confidence, "max-prob (uncalibrated)"
+            try:
+                from offramp.models import router  # noqa: F401  (the exit-head engineer's module)
+
+                loader = getattr(router, "load_confidence", None)
+                if loader is not None:
+                    fn = loader(self.model, k)
+                    rule = "router.load_confidence"
+            except Exception as exc:  # absent or not trained for this K
+                rule += f" [router: {type(exc).__name__}]"
+            self._confidence[k], self.exit_rule[k] = fn, rule
+        return self._confidence[k]
+
+    def judge_result(self, prompt: bm.BenchPrompt, result: bm.RequestResult, max_new_tokens: int) -> None:
+        """Teacher-forced agreement and exact match against the full model."""
+        agree, n = self.judge.agreement(prompt.input_ids, result.token_ids)
+        result.agree = agree
+        ended = n == max_new_tokens or (n > 0 and result.token_ids[-1] in self.stop_ids)
+        result.exact = n > 0 and agree == n and ended
+
+
+# --------------------------------------------------------------------------------------------------- backends
+
+
+class InProcessBackend:
+    """No network: cloud-only runs the full model here, collaborative uses LocalCloudLink."""
+
+    name = "inprocess"
+
+    def __init__(self, edge: Edge) -> None:
+        self.edge = edge
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def set_profile(self, profile: str) -> None: ...
+
+    def cpu(self, k: int | None) -> float | None:
+        return None
+
+    def wire(self, k: int | None) -> tuple[int, int] | None:
+        return None
+
+    async def cloud_only(self, prompt: bm.BenchPrompt, n: int) -> bm.RequestResult:
+        return bm.run_cloud_only_inprocess(self.edge.model, prompt, n, self.edge.stop_ids)
+
+    async def open_link(self, k: int, codec: str):
+        from offramp.edge.assemble import build_local_link
+
+        return build_local_link(self.edge.model, k, codec)
+
+    async def close(self) -> None: ...
+
+
+class ServedBackend:
+    """Real `offramp cloud serve` processes, one per exit layer, each behind its own link-emulator process."""
+
+    name = "serve"
+
+    def __init__(self, edge: Edge, cfg: BenchConfig, out: Path) -> None:
+        from bench_procs import CloudServer, EmulatedLink
+
+        self.edge, self.cfg = edge, cfg
+        self.servers = {k: CloudServer(cfg.model, k, log_path=out / f"cloud-k{k}.log") for k in cfg.exit_layers}
+        self.links: dict[int, EmulatedLink] = {}
+        self._EmulatedLink = EmulatedLink
+        self._http = None
+        self.base_k = cfg.exit_layers[0]
+
+    def start(self) -> None:
+        for k, server in self.servers.items():
+            print(f"[bench] starting cloud server K={k} on :{server.port}", flush=True)
+            server.start()
+            self.links[k] = self._EmulatedLink(server.port, "lan").start()
+
+    def stop(self) -> None:
+        for link in self.links.values():
+            link.stop()
+        for server in self.servers.values():
+            server.stop()
+
+    def set_profile(self, profile: str) -> None:
+        for link in self.links.values():
+            link.set_profile(profile)
+
+    def cpu(self, k: int | None) -> float | None:
+        return self.servers[k if k is not None else self.base_k].cpu_seconds()
+
+    def wire(self, k: int | None) -> tuple[int, int] | None:
+        return self.links[k if k is not None else self.base_k].wire_bytes()
+
+    async def cloud_only(self, prompt: bm.BenchPrompt, n: int) -> bm.RequestResult:
+        import aiohttp
+
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+        url = f"http://127.0.0.1:{self.links[self.base_k].port}/v1/completions"
+        result = await bm.run_cloud_only_http(self._http, url, prompt, n, self.edge.num_layers)
+        if not result.token_ids and getattr(result, "text", ""):  # a server that streams text only
+            result.token_ids = self.edge.tokenizer(result.text, add_special_tokens=False)["input_ids"]
+            result.error = None
+        return result
+
+    async def open_link(self, k: int, codec: str):
+        from offramp.edge.ws_link import WebSocketCloudLink
+
+        runtime = self.edge.runtime(k)
+        return WebSocketCloudLink(f"ws://127.0.0.1:{self.links[k].port}", codec=codec,
+                                  manifest=getattr(runtime, "manifest", None))
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+
+# --------------------------------------------------------------------------------------------------- runs
+
+
+async def run_mode(backend, edge: Edge, cfg: BenchConfig, prompts, profile: str, mode: str,
+                   k: int | None = None, threshold: float | None = None, codec: str | None = None,
+                   traces: dict | None = None) -> bm.ModeRow:
+    """One mode over every prompt, one request after another, with a warm-up request that is not measured."""
+    row = bm.ModeRow(mode, profile, k, threshold, codec)
+    link = None
+    if mode == "collaborative":
+        link = bm.CountingLink(await backend.open_link(k, codec), record=traces is not None)
+    n = cfg.max_new_tokens
+
+    async def one(prompt: bm.BenchPrompt) -> bm.RequestResult:
+        if mode == "cloud-only":
+            return await backend.cloud_only(prompt, n)
+        runtime = edge.runtime(k if k is not None else cfg.exit_layers[0])
+        if link is not None:
+            link.mark()
+        result = await bm.run_collaborative(runtime, link, edge.num_layers, prompt, n,
+                                            threshold if threshold is not None else 2.0, edge.stop_ids,
+                                            edge.confidence(runtime.exit_layer))
+        if link is not None and traces is not None:
+            tail = time.perf_counter() - link._last
+            traces[prompt.prompt_id] = (list(link.trace), tail, result.tokens, result.latency_s)
+        return result
+
+    try:
+        await one(prompts[0])  # warm-up: connections, sessions, caches
+        cpu0, wire0 = backend.cpu(k), backend.wire(k)
+        started = time.perf_counter()
+        results = []
+        for prompt in prompts:
+            try:
+                results.append(await one(prompt))
+            except Exception as exc:  # a failed request is a result, not a crashed bench
+                results.append(bm.RequestResult(prompt.prompt_id, [], 0.0, 0.0, error=f"{type(exc).__name__}: {exc}"))
+        wall = time.perf_counter() - started
+        cpu1, wire1 = backend.cpu(k), backend.wire(k)
+    finally:
+        if link is not None:
+            await link.aclose()
+    for prompt, result in zip(prompts, results):
+        if result.error is None:
+            edge.judge_result(prompt, result, n)
+    bm.aggregate(row, results, wall)
+    if cpu0 is not None and mode != "edge-only":
+        row.cloud_cpu_s = cpu1 - cpu0
+    if wire0 is not None and mode != "edge-only":
+        row.wire_up, row.wire_down = wire1[0] - wire0[0], wire1[1] - wire0[1]
+    if mode == "edge-only":
+        row.cloud_cpu_s, row.wire_up, row.wire_down = 0.0, 0, 0
+    print(f"[bench] {profile:>8} {row.key:<22} p50 {row.latency_p50_s:6.2f}s ttft {row.ttft_p50_s:5.3f}s "
+          f"agree {row.agreement:6.1%} exit {row.exit_rate:5.1%} layer-tok {row.cloud_layer_tokens} "
+          f"up/tok {row.bytes_up_per_token:7.0f}B errors {row.errors}", flush=True)
+    return row
+
+
+async def run_clients(backend, edge: Edge, cfg: BenchConfig, prompts, traces: dict, setting: tuple[int, float, str] | None) -> list[dict]:
+    """N concurrent clients, cloud-only vs collaborative (replayed edges), on `cfg.clients_profile`.
+
+    Collaborative clients replay recorded edge traces: the same uploads at the same moments, with the edge's
+    compute as a sleep. N real edges would be N devices; running N edge runtimes on this machine's two cores
+    would measure CPU contention, not the cloud. Cloud-only clients are plain streaming HTTP clients.
+    """
+    if isinstance(backend, InProcessBackend):
+        return []
+    backend.set_profile(cfg.clients_profile)
+    out = []
+    for n_clients in cfg.clients:
+        for mode in ("cloud-only", "collaborative"):
+            if mode == "collaborative" and (setting is None or not traces):
+                continue
+            k = setting[0] if mode == "collaborative" else None
+            jobs = [(c, prompts[(c + r) % len(prompts)]) for c in range(n_clients) for r in range(cfg.requests_per_client)]
+            cpu0, wire0 = backend.cpu(k), backend.wire(k)
+            started = time.perf_counter()
+            if mode == "cloud-only":
+                async def client(c: int) -> list:
+                    res = []
+                    for cc, prompt in jobs:
+                        if cc == c:
+                            res.append(await backend.cloud_only(prompt, cfg.max_new_tokens))
+                    return res
+            else:
+                async def client(c: int) -> list:
+                    link = await backend.open_link(setting[0], setting[2])
+                    res = []
+                    try:
+                        for cc, prompt in jobs:
+                            if cc == c and prompt.prompt_id in traces:
+                                res.append(await replay(link, traces[prompt.prompt_id], prompt))
+                    finally:
+                        await link.aclose()
+                    return res
+            gathered = await asyncio.gather(*(client(c) for c in range(n_clients)), return_exceptions=True)
+            wall = time.perf_counter() - started
+            results = [r for g in gathered if isinstance(g, list) for r in g]
+            errors = sum(isinstance(g, BaseException) for g in gathered) + sum(r.error is not None for r in results)
+            lat = [r.latency_s for r in results if r.error is None]
+            tokens = sum(r.tokens for r in results if r.error is None)
+            row = {
+                "mode": mode, "clients": n_clients, "requests": len(results), "errors": errors, "tokens": tokens,
+                "wall_s": wall, "throughput_tok_s": tokens / wall if wall > 0 else 0.0,
+                "latency_p50_s": bm.percentile(lat, 50), "latency_p99_s": bm.percentile(lat, 99),
+                "cloud_cpu_s": (backend.cpu(k) - cpu0) if cpu0 is not None else None,
+                "setting": None if mode == "cloud-only" else {"exit_layer": setting[0], "threshold": setting[1], "codec": setting[2]},
+            }
+            if wire0 is not None:
+                w = backend.wire(k)
+                row["wire_up"], row["wire_down"] = w[0] - wire0[0], w[1] - wire0[1]
+            print(f"[bench] clients {n_clients:>3} {mode:<13} {row['throughput_tok_s']:7.1f} tok/s "
+                  f"p50 {row['latency_p50_s']:6.2f}s p99 {row['latency_p99_s']:6.2f}s errors {errors}", flush=True)
+            out.append(row)
+    return out
+
+
+async def replay(link, trace, prompt: bm.BenchPrompt) -> bm.RequestResult:
+    """One recorded collaborative request, again: same uploads after the same edge compute (slept, not run)."""
+    import uuid
+
+    from offramp.shared.sampling import SamplingParams
+
+    events, tail, tokens, _ = trace
+    session = uuid.uuid4().hex
+    started = time.perf_counter()
+    first = None
+    await link.open_session(session)
+    try:
+        for gap, start, hidden in events:
+            await asyncio.sleep(gap)
+            await link.extend(session, start, hidden, True, SamplingParams(), 0.0)
+            first = first or time.perf_counter() - started
+        await asyncio.sleep(tail)
+    finally:
+        await link.close_session(session)
+    latency = time.perf_counter() - started
+    return bm.RequestResult(prompt.prompt_id, [0] * tokens, first or latency, latency)
+
+
+def edge_step_microbench(cfg: BenchConfig, out: Path, edge: Edge) -> dict:
+    """The ONNX engineer's scripts/bench_edge_step.py when present (its JSON), else a PyTorch-only fallback."""
+    script = ROOT / "scripts" / "bench_edge_step.py"
+    if script.exists():
+        target = out / "edge_step.json"
+        cmd = [sys.executable, str(script), "--json", str(target)] + (["--quick"] if cfg.quick else [])
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_one_thread_env(), cwd=ROOT)
+            (out / "edge_step.log").write_text(proc.stdout + proc.stderr)
+            if proc.returncode == 0 and target.exists():
+                return {"source": "scripts/bench_edge_step.py", **json.loads(target.read_text())}
+            note = f"scripts/bench_edge_step.py exited {proc.returncode} (see edge_step.log)"
+        except subprocess.TimeoutExpired:
+            note = "scripts/bench_edge_step.py timed out"
+    else:
+        note = "scripts/bench_edge_step.py not present"
+    return {"source": "bench fallback (torch step only)", "note": note, **_torch_step(edge, cfg)}
+
+
+def _torch_step(edge: Edge, cfg: BenchConfig) -> dict:
+    import numpy as np
+
+    rows = []
+    for k in cfg.exit_layers[:1]:
+        from offramp.edge.assemble import build_edge_runtime
+
+        rt = build_edge_runtime(edge.model, k, "torch", cfg.model)
+        rt.run(list(range(1, 65)))
+        times = []
+        for i in range(30 if not cfg.quick else 10):
+            t = time.perf_counter()
+            rt.run([100 + i])
+            times.append(time.perf_counter() - t)
+        params = sum(p.numel() for p in rt.edge.parameters()) if hasattr(rt, "edge") else 0
+        a = np.ones(64 << 20, dtype=np.uint8)
+        t = time.perf_counter()
+        for _ in range(5):
+            a.copy()
+        bw = 2 * a.nbytes * 5 / (time.perf_counter() - t)  # read + write
+        rows.append({"exit_layer": k, "precision": "torch-fp32", "step_ms_p50": 1e3 * float(np.median(times)),
+                     "weights_bytes": 4 * params, "memory_bandwidth_gbs": bw / 1e9,
+                     "floor_ms": 1e3 * 4 * params / bw})
+    return {"rows": rows}
+
+
+def _one_thread_env() -> dict:
+    from bench_procs import one_thread_env
+
+    return one_thread_env()
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+
+async def run_bench(cfg: BenchConfig, out: Path) -> dict:
+    t_start = time.perf_counter()
+    load_start = os.getloadavg()
+    edge = Edge(cfg)
+    prompts, origin = bm.held_out_prompts(edge.tokenizer, cfg.prompts)
+    print(f"[bench] {len(prompts)} prompts ({origin}), {cfg.max_new_tokens} new tokens, out {out}", flush=True)
+    backend = InProcessBackend(edge) if cfg.cloud == "inprocess" else ServedBackend(edge, cfg, out)
+    profiles = ["inprocess"] if cfg.cloud == "inprocess" else cfg.profiles
+    rows: list[bm.ModeRow] = []
+    traces: dict[tuple, dict] = {}
+    clients: list[dict] = []
+    backend.start()
+    try:
+        for k in cfg.exit_layers:  # build (and export) every edge runtime before any timing
+            edge.runtime(k)
+            edge.confidence(k)
+        edge_only = await run_mode(backend, edge, cfg, prompts, "none", "edge-only", cfg.exit_layers[0], None, None)
+        for profile in profiles:
+            backend.set_profile(profile)
+            rows.append(await run_mode(backend, edge, cfg, prompts, profile, "cloud-only"))
+            for k, t, c in cfg.collaborative_settings():
+                rec = traces.setdefault((k, t, c), {}) if profile == cfg.clients_profile else None
+                rows.append(await run_mode(backend, edge, cfg, prompts, profile, "collaborative", k, t, c, rec))
+            shown = bm.ModeRow(**{**asdict(edge_only), "profile": profile})
+            rows.append(shown)
+        bm.compare_to_baseline(rows)
+        best = {p: bm.best_setting(rows, p) for p in profiles}
+        target = best.get(cfg.clients_profile) or next(
+            (r for r in rows if r.profile == cfg.clients_profile and r.mode == "collaborative"), None)
+        setting = (target.exit_layer, target.threshold, target.codec) if target is not None else None
+        clients = await run_clients(backend, edge, cfg, prompts, traces.get(setting, {}), setting)
+        await backend.close()
+    finally:
+        backend.stop()
+    edge_step = edge_step_microbench(cfg, out, edge) if cfg.edge_step_bench else {}
+    results = {
+        "meta": {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": " ".join(["scripts/bench", *sys.argv[1:]]),
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+            "prompts": [{"id": p.prompt_id, "source": p.source, "text": p.text, "tokens": len(p.input_ids)} for p in prompts],
+            "prompt_origin": origin,
+            "model": cfg.model, "num_layers": edge.num_layers, "hidden_size": edge.hidden_size,
+            "edge_precision": {str(k): v for k, v in edge.precision_used.items()},
+            "exit_rule": {str(k): v for k, v in edge.exit_rule.items()},
+            "cloud": cfg.cloud, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+            "git": _git_rev(), "elapsed_s": time.perf_counter() - t_start,
+            "agreement_definition": "teacher-forced: share of emitted tokens equal to the full model's greedy choice after the same prefix",
+        },
+        "clients": clients,
+        "edge_step": edge_step,
+    }
+    for profile in profiles:
+        results[profile] = {
+            "summary": bm.summary_of(best.get(profile), edge.hidden_size),
+            "rows": [r.to_dict() for r in rows if r.profile == profile],
+        }
+    return results
+
+
+def _git_rev() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="a small version of everything (under 3 minutes here)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--prompts", type=int, default=None, help="held-out prompts (half chat, half plain)")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--profiles", default=None, help=f"comma list of {PROFILE_NAMES}")
+    p.add_argument("--exit-layers", default=None, help="comma list; the first is the codec comparison's")
+    p.add_argument("--thresholds", default=None, help="comma list")
+    p.add_argument("--codecs", default=None, help="comma list; the first is used for the threshold sweep")
+    p.add_argument("--codec-threshold", type=float, default=None)
+    p.add_argument("--edge-precision", default=None, choices=["int8", "fp32", "torch"])
+    p.add_argument("--cloud", default=None, choices=["serve", "inprocess"])
+    p.add_argument("--clients", default=None, help="comma list of concurrent clients")
+    p.add_argument("--clients-profile", default=None)
+    p.add_argument("--requests-per-client", type=int, default=None)
+    p.add_argument("--no-edge-step", action="store_true")
+    p.add_argument("--out", type=Path, default=None, help="results root (default bench-results/)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    cfg = BenchConfig.quick_config() if args.quick else BenchConfig()
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    floats = lambda s: [float(x) for x in s.split(",") if x]  # noqa: E731
+    strs = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    for name, conv in (("model", str), ("prompts", int), ("max_new_tokens", int), ("profiles", strs),
+                       ("exit_layers", ints), ("thresholds", floats), ("codecs", strs), ("codec_threshold", float),
+                       ("edge_precision", str), ("cloud", str), ("clients", ints), ("clients_profile", str),
+                       ("requests_per_client", int)):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(cfg, name, conv(value))
+    if args.no_edge_step:
+        cfg.edge_step_bench = False
+    if args.out is not None:
+        cfg.out_root = args.out
+    unknown = set(cfg.profiles) - set(PROFILE_NAMES) - {"none"}
+    if unknown:
+        raise SystemExit(f"unknown profiles {sorted(unknown)}")
+    if cfg.clients_profile not in cfg.profiles:
+        cfg.clients_profile = cfg.profiles[0]
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = config_from_args(build_parser().parse_args(argv))
+    out = cfg.out_root / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    results = asyncio.run(run_bench(cfg, out))
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    bench_report.write_report(results, out)
+    print(f"[bench] wrote {out}/results.json, report.md and plots in {results['meta']['elapsed_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

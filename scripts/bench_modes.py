@@ -1,0 +1,461 @@
+"""The pieces of `scripts/bench.py`: prompts, agreement, one request in each mode, aggregation.
+
+Each mode turns one prompt (token ids) into a `RequestResult`: the tokens, when the first one came, how long
+the whole request took, what the cloud did for it and what crossed the link. `aggregate` turns a list of them
+into one row of the report. The network and the cloud processes are `bench_procs`'s business; this module
+takes a `CloudLink` or a completions URL and does not care what is behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from offramp.edge.generation import CollaborativeDecoder, Confidence, DecodeOptions, max_prob_confidence
+from offramp.edge.link import CloudLink
+from offramp.edge.runtime import EdgeRuntime
+
+# --------------------------------------------------------------------------------------------------- prompts
+
+# Used only when the exit-head engineer's corpus module (models/corpus.py, held-out "test" split) is absent.
+FALLBACK_PROMPTS: tuple[tuple[str, str], ...] = (
+    ("chat", "What is photosynthesis?"),
+    ("chat", "Can you explain black holes in simple terms?"),
+    ("chat", "Why is sleep important?"),
+    ("chat", "Give me three interesting facts about bees."),
+    ("chat", "How would you describe the internet to a ten-year-old?"),
+    ("chat", "What are the main advantages and disadvantages of electric cars?"),
+    ("chat", "Write a short paragraph about the Moon."),
+    ("chat", "What is inflation?"),
+    ("chat", "Can you explain vaccines in simple terms?"),
+    ("chat", "Write a short story that involves a lighthouse."),
+    ("plain", "The history of the printing press is"),
+    ("plain", "Here is a short introduction to plate tectonics."),
+    ("plain", "Many people do not know that honey"),
+    ("plain", "The history of jazz music is"),
+    ("plain", "Here is a short introduction to the periodic table."),
+    ("plain", "Many people do not know that penguins"),
+    ("plain", "The history of bicycles is"),
+    ("plain", "Here is a short introduction to glaciers."),
+    ("plain", "Many people do not know that tea"),
+    ("plain", "The history of the Olympic Games is"),
+)
+
+
+@dataclass(frozen=True)
+class BenchPrompt:
+    prompt_id: str
+    source: str  # chat | plain
+    text: str
+    input_ids: tuple[int, ...]
+
+
+def held_out_prompts(tokenizer, count: int) -> tuple[list[BenchPrompt], str]:
+    """Half chat, half plain, from the exit-head corpus's held-out test split when it exists; else a fixed list.
+
+    Returns the prompts and where they came from, so the report can say whether exit heads saw them.
+    """
+    try:
+        from offramp.models.corpus import builtin_prompts, encode_prompt, split_of
+
+        pool = [(doc_id, source, text) for doc_id, source, text in builtin_prompts() if split_of(doc_id) == "test"]
+        origin = "models.corpus held-out test split"
+    except (ImportError, AttributeError):
+        pool, origin = [(f"fixed:{i}", s, t) for i, (s, t) in enumerate(FALLBACK_PROMPTS)], "bench fixed list"
+        encode_prompt = None
+    by_source = {s: [p for p in pool if p[1] == s] for s in ("chat", "plain")}
+    picked: list[tuple[str, str, str]] = []
+    for i in range(count):  # alternate chat / plain, in a fixed order
+        source = ("chat", "plain")[i % 2]
+        bucket = by_source[source] or by_source[("plain", "chat")[i % 2]]
+        if bucket:
+            picked.append(bucket.pop(0))
+    prompts = []
+    for doc_id, source, text in picked:
+        if encode_prompt is not None:
+            ids = encode_prompt(tokenizer, source, text)
+        else:
+            from offramp.edge.cli import encode_prompt as encode
+
+            ids = encode(tokenizer, text, source == "chat")
+        prompts.append(BenchPrompt(doc_id, source, text, tuple(int(t) for t in ids)))
+    return prompts, origin
+
+
+# --------------------------------------------------------------------------------------------------- agreement
+
+
+class AgreementJudge:
+    """Teacher-forced agreement with the full model, cached by (prompt, output).
+
+    For each emitted token: is it the full model's greedy choice after the same prefix? All-agree means the
+    output *is* the full model's greedy output (by induction), so this is the strict per-token form of "same
+    answers", and it does not punish one early disagreement 63 times the way a position-by-position diff does.
+    """
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self._cache: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
+
+    @torch.inference_mode()
+    def full_predictions(self, prompt: Sequence[int], output: Sequence[int]) -> list[int]:
+        key = (tuple(prompt), tuple(output))
+        if key not in self._cache:
+            ids = torch.tensor([list(prompt) + list(output)])
+            logits = self.model(input_ids=ids).logits[0]
+            start = len(prompt) - 1
+            self._cache[key] = logits[start : start + len(output)].argmax(-1).tolist()
+        return self._cache[key]
+
+    def agreement(self, prompt: Sequence[int], output: Sequence[int]) -> tuple[int, int]:
+        """(agreeing tokens, tokens)."""
+        if not output:
+            return 0, 0
+        preds = self.full_predictions(prompt, output)
+        return sum(int(a == b) for a, b in zip(preds, output)), len(output)
+
+
+def reference_greedy(model, prompt: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int]) -> list[int]:
+    """The full model's own greedy output, in process (the exact-match reference)."""
+    from offramp.cloud.full_model import FullModelRunner
+
+    return list(FullModelRunner(model).generate_ids(list(prompt), max_new_tokens, stop_ids=stop_ids))
+
+
+# --------------------------------------------------------------------------------------------------- one request
+
+
+@dataclass
+class RequestResult:
+    prompt_id: str
+    token_ids: list[int]
+    ttft_s: float
+    latency_s: float
+    edge_exits: int = 0
+    escalations: int = 0
+    fallback_tokens: int = 0
+    cloud_layer_tokens: int = 0
+    full_layer_tokens: int = 0
+    payload_up: int = 0  # what the link counted (codec payloads); wire bytes come from the proxy
+    payload_down: int = 0
+    positions_uploaded: int = 0
+    round_trips: int = 0
+    agree: int = 0
+    exact: bool = False
+    error: str | None = None
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class CountingLink:
+    """Wraps a CloudLink to count uploaded positions and round trips, and record a replayable trace."""
+
+    def __init__(self, link: CloudLink, record: bool = False) -> None:
+        self.inner = link
+        self.positions = 0
+        self.calls = 0
+        self.record = record
+        self.trace: list[tuple[float, int, np.ndarray]] = []  # (gap since the previous reply, start, hidden)
+        self._last = time.perf_counter()
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def mark(self) -> None:
+        self._last = time.perf_counter()
+        self.trace = []
+
+    async def open_session(self, session_id: str) -> None:
+        await self.inner.open_session(session_id)
+        self._last = time.perf_counter()
+
+    async def extend(self, session_id, start, hidden, want_token, sampling, u):
+        gap = time.perf_counter() - self._last
+        if self.record:
+            self.trace.append((gap, start, np.array(hidden, copy=True)))
+        try:
+            return await self.inner.extend(session_id, start, hidden, want_token, sampling, u)
+        finally:
+            self.positions += len(hidden)
+            self.calls += 1
+            self._last = time.perf_counter()
+
+    async def close_session(self, session_id: str) -> None:
+        await self.inner.close_session(session_id)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def run_collaborative(
+    runtime: EdgeRuntime,
+    link: CloudLink | None,
+    total_layers: int,
+    prompt: BenchPrompt,
+    max_new_tokens: int,
+    threshold: float,
+    stop_ids: Sequence[int],
+    confidence: Confidence = max_prob_confidence,
+) -> RequestResult:
+    """One generation with the real decode loop; `link=None` is edge-only."""
+    counting = CountingLink(link) if link is not None and not isinstance(link, CountingLink) else link
+    decoder = CollaborativeDecoder(runtime, counting, total_layers, confidence)
+    options = DecodeOptions(max_new_tokens=max_new_tokens, threshold=threshold, stop_ids=list(stop_ids))
+    before = (counting.positions, counting.calls) if counting is not None else (0, 0)
+    started = time.perf_counter()
+    tokens: list[int] = []
+    async for event in decoder.stream(list(prompt.input_ids), options):
+        tokens.append(event.token_id)
+    latency = time.perf_counter() - started
+    s = decoder.stats
+    after = (counting.positions, counting.calls) if counting is not None else (0, 0)
+    return RequestResult(
+        prompt.prompt_id, tokens, s.ttft_s, latency, s.edge_exits, s.escalations, s.fallback_tokens,
+        s.cloud_layer_tokens, s.full_layer_tokens, s.bytes_up, s.bytes_down, after[0] - before[0], after[1] - before[1],
+    )
+
+
+def run_cloud_only_inprocess(model, prompt: BenchPrompt, max_new_tokens: int, stop_ids: Sequence[int]) -> RequestResult:
+    """The baseline without a network (smoke tests, `--cloud inprocess`)."""
+    from offramp.cloud.full_model import FullModelRunner
+
+    runner = FullModelRunner(model)
+    started = time.perf_counter()
+    tokens, ttft = [], 0.0
+    for token in runner.generate_ids(list(prompt.input_ids), max_new_tokens, stop_ids=stop_ids):
+        tokens.append(token)
+        if len(tokens) == 1:
+            ttft = time.perf_counter() - started
+    latency = time.perf_counter() - started
+    return RequestResult(prompt.prompt_id, tokens, ttft, latency, escalations=len(tokens),
+                         cloud_layer_tokens=runner.layer_tokens, full_layer_tokens=runner.layer_tokens)
+
+
+async def run_cloud_only_http(
+    session, url: str, prompt: BenchPrompt, max_new_tokens: int, num_layers: int, timeout_s: float = 120.0
+) -> RequestResult:
+    """The baseline as a user would deploy it: the prompt goes up, the cloud's full model streams tokens back.
+
+    Sends token ids (OpenAI completions accept a list of ints) so both modes see exactly the same prompt, and
+    reads token ids back when the server includes them (else the text is all we get: agreement then compares
+    text through the tokenizer, see `bench.py`).
+    """
+    import aiohttp
+
+    body = {"prompt": list(prompt.input_ids), "max_tokens": max_new_tokens, "temperature": 0, "stream": True}
+    started = time.perf_counter()
+    ttft, tokens, texts = 0.0, [], []
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with session.post(url, json=body, timeout=timeout) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"{url}: HTTP {resp.status}: {(await resp.text())[:300]}")
+        async for raw in resp.content:
+            line = raw.decode("utf-8", "replace").strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            ids = _chunk_token_ids(chunk)
+            text = "".join(c.get("text", "") for c in chunk.get("choices", []))
+            if (ids or text) and ttft == 0.0:
+                ttft = time.perf_counter() - started
+            tokens.extend(ids)
+            texts.append(text)
+    latency = time.perf_counter() - started
+    result = RequestResult(prompt.prompt_id, tokens, ttft, latency)
+    result.error = None if tokens else "no token ids in the stream"
+    result.text = "".join(texts)  # type: ignore[attr-defined]
+    positions = len(prompt.input_ids) + max(len(tokens) - 1, 0)
+    result.cloud_layer_tokens = result.full_layer_tokens = positions * num_layers
+    result.escalations = len(tokens)
+    return result
+
+
+def _chunk_token_ids(chunk: dict) -> list[int]:
+    """Token ids from a streamed completion chunk, wherever this server puts them."""
+    out: list[int] = []
+    for choice in chunk.get("choices", []):
+        for key in ("token_ids", "tokens"):
+            value = choice.get(key)
+            if isinstance(value, list) and all(isinstance(v, int) for v in value):
+                out.extend(value)
+                break
+        else:
+            if isinstance(choice.get("token_id"), int):
+                out.append(choice["token_id"])
+    if not out and isinstance(chunk.get("token_ids"), list):
+        out = [int(v) for v in chunk["token_ids"]]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- aggregation
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=float), q)) if values else float("nan")
+
+
+@dataclass
+class ModeRow:
+    """One line of a report table: a mode (and its setting) on one profile, over all prompts."""
+
+    mode: str  # cloud-only | edge-only | collaborative
+    profile: str
+    exit_layer: int | None = None
+    threshold: float | None = None
+    codec: str | None = None
+    requests: int = 0
+    tokens: int = 0
+    latency_p50_s: float = 0.0
+    latency_p90_s: float = 0.0
+    ttft_p50_s: float = 0.0
+    ttft_p90_s: float = 0.0
+    tokens_per_s: float = 0.0
+    exit_rate: float = 0.0
+    escalations: int = 0
+    fallback_tokens: int = 0
+    agreement: float = 0.0  # teacher-forced, per token
+    exact_match: float = 0.0  # share of prompts whose output is the full model's greedy output
+    cloud_layer_tokens: int = 0
+    full_layer_tokens: int = 0
+    cloud_cpu_s: float | None = None
+    wire_up: int | None = None  # bytes through the proxy (None without one)
+    wire_down: int | None = None
+    payload_up: int = 0
+    payload_down: int = 0
+    positions_uploaded: int = 0
+    round_trips: int = 0
+    errors: int = 0
+    # Filled against the same profile's cloud-only row:
+    latency_ratio: float | None = None
+    cloud_compute_ratio: float | None = None
+    cloud_cpu_ratio: float | None = None
+    per_request: list[dict] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        if self.mode != "collaborative":
+            return self.mode
+        return f"K{self.exit_layer}/t{self.threshold:g}/{self.codec}"
+
+    def up_bytes(self) -> int:
+        return self.wire_up if self.wire_up is not None else self.payload_up
+
+    def down_bytes(self) -> int:
+        return self.wire_down if self.wire_down is not None else self.payload_down
+
+    @property
+    def bytes_up_per_token(self) -> float:
+        return self.up_bytes() / max(self.tokens, 1)
+
+    @property
+    def bytes_down_per_token(self) -> float:
+        return self.down_bytes() / max(self.tokens, 1)
+
+    @property
+    def bytes_up_per_position(self) -> float | None:
+        """Upload per hidden state sent (the per-escalated-token cost the issue's target is about)."""
+        return self.up_bytes() / self.positions_uploaded if self.positions_uploaded else None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(key=self.key, bytes_up_per_token=self.bytes_up_per_token, bytes_down_per_token=self.bytes_down_per_token,
+                 bytes_up_per_position=self.bytes_up_per_position)
+        return d
+
+
+def aggregate(row: ModeRow, results: Sequence[RequestResult], wall_s: float) -> ModeRow:
+    """Fill a row from its requests (run one after another, so tokens/s is per request stream)."""
+    ok = [r for r in results if r.error is None]
+    row.requests, row.errors = len(results), len(results) - len(ok)
+    row.tokens = sum(r.tokens for r in ok)
+    lat, ttft = [r.latency_s for r in ok], [r.ttft_s for r in ok]
+    row.latency_p50_s, row.latency_p90_s = percentile(lat, 50), percentile(lat, 90)
+    row.ttft_p50_s, row.ttft_p90_s = percentile(ttft, 50), percentile(ttft, 90)
+    row.tokens_per_s = row.tokens / max(sum(lat), 1e-9)
+    row.exit_rate = sum(r.edge_exits for r in ok) / max(row.tokens, 1)
+    row.escalations = sum(r.escalations for r in ok)
+    row.fallback_tokens = sum(r.fallback_tokens for r in ok)
+    row.agreement = sum(r.agree for r in ok) / max(row.tokens, 1)
+    row.exact_match = sum(r.exact for r in ok) / max(len(ok), 1)
+    row.cloud_layer_tokens = sum(r.cloud_layer_tokens for r in ok)
+    row.full_layer_tokens = sum(r.full_layer_tokens for r in ok)
+    row.payload_up = sum(r.payload_up for r in ok)
+    row.payload_down = sum(r.payload_down for r in ok)
+    row.positions_uploaded = sum(r.positions_uploaded for r in ok)
+    row.round_trips = sum(r.round_trips for r in ok)
+    row.per_request = [
+        {k: v for k, v in asdict(r).items() if k != "token_ids"} | {"tokens": r.tokens} for r in results
+    ]
+    return row
+
+
+def compare_to_baseline(rows: Sequence[ModeRow]) -> None:
+    """Ratios of every row against the cloud-only row of the same profile."""
+    base = {r.profile: r for r in rows if r.mode == "cloud-only"}
+    for row in rows:
+        b = base.get(row.profile)
+        if b is None:
+            continue
+        if b.latency_p50_s > 0:
+            row.latency_ratio = row.latency_p50_s / b.latency_p50_s
+        if b.cloud_layer_tokens > 0:
+            row.cloud_compute_ratio = row.cloud_layer_tokens / b.cloud_layer_tokens
+        if row.cloud_cpu_s is not None and b.cloud_cpu_s:
+            row.cloud_cpu_ratio = row.cloud_cpu_s / b.cloud_cpu_s
+
+
+def best_setting(rows: Sequence[ModeRow], profile: str, min_agreement: float = 0.98) -> ModeRow | None:
+    """The collaborative setting with the lowest latency among those at >= min_agreement on `profile`."""
+    ok = [r for r in rows if r.profile == profile and r.mode == "collaborative" and r.agreement >= min_agreement
+          and r.latency_ratio is not None and r.errors == 0]
+    return min(ok, key=lambda r: (r.latency_ratio, r.cloud_compute_ratio or 1.0)) if ok else None
+
+
+def summary_of(row: ModeRow | None, hidden_size: int) -> dict:
+    if row is None:
+        return {"threshold": None, "exit_layer": None, "codec": None, "agreement": None, "latency_ratio": None,
+                "cloud_compute_ratio": None, "bytes_up_per_token": None, "note": "no collaborative setting reached 98% agreement"}
+    return {
+        "threshold": row.threshold,
+        "exit_layer": row.exit_layer,
+        "codec": row.codec,
+        "agreement": row.agreement,
+        "exact_match": row.exact_match,
+        "latency_ratio": row.latency_ratio,
+        "cloud_compute_ratio": row.cloud_compute_ratio,
+        "cloud_cpu_ratio": row.cloud_cpu_ratio,
+        "bytes_up_per_token": row.bytes_up_per_token,
+        "bytes_up_per_position": row.bytes_up_per_position,
+        "hidden_size": hidden_size,
+        "exit_rate": row.exit_rate,
+    }
+
+
+Judge = Callable[[BenchPrompt, list[int]], tuple[int, int, bool]]
+
+
+async def gather_limited(coros, limit: int):
+    """Run coroutines with at most `limit` at a time (the multi-client driver)."""
+    sem = asyncio.Semaphore(limit)
+
+    async def one(c):
+        async with sem:
+            return await c
+
+    return await asyncio.gather(*(one(c) for c in coros), return_exceptions=True)
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
