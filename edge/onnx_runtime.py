@@ -1,0 +1,154 @@
+"""The ONNX Runtime edge runtime: the exported edge graph with a KV cache held as numpy arrays.
+
+Plain `session.run` with numpy in and out: on CPU, IOBinding measured no faster for a decode step (the inputs
+are already host memory and the presents come back as new arrays either way), and numpy arrays make
+`truncate` a slice.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from offramp.edge.runtime import EdgeStep
+from offramp.edge.torch_runtime import ContextLengthError
+from offramp.models.export import GRAPH_FILE, PRECISIONS, check_manifest, export_edge, head_identity, io_names
+from offramp.shared.errors import ArtifactError
+
+MAX_DEFAULT_THREADS = 8
+
+
+def default_providers(precision: str = "fp32") -> list[str]:
+    """TensorRT (fp32 graphs only: its int8 path wants calibration, not our contrib ops), then CUDA, then CPU."""
+    available = ort.get_available_providers()
+    chosen = []
+    if precision == "fp32" and "TensorrtExecutionProvider" in available:
+        chosen.append("TensorrtExecutionProvider")
+    if "CUDAExecutionProvider" in available:
+        chosen.append("CUDAExecutionProvider")
+    return chosen + ["CPUExecutionProvider"]
+
+
+def default_threads() -> int:
+    """One intra-op thread per CPU this process may use, capped: past ~8 a 135M-model step stops scaling."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, MAX_DEFAULT_THREADS))
+
+
+class OnnxEdgeRuntime:
+    """Runs an exported edge graph step by step; implements `offramp.edge.runtime.EdgeRuntime`."""
+
+    def __init__(
+        self,
+        graph_dir: Path | str,
+        providers: list[str] | None = None,
+        intra_op_threads: int | None = None,
+        fingerprint: str | None = None,
+        exit_layer: int | None = None,
+        precision: str | None = None,
+    ) -> None:
+        self.graph_dir = Path(graph_dir)
+        self.manifest = check_manifest(self.graph_dir, fingerprint=fingerprint, exit_layer=exit_layer, precision=precision)
+        m = self.manifest
+        self.exit_layer: int = m["exit_layer"]
+        self.hidden_size: int = m["hidden_size"]
+        self.vocab_size: int = m["vocab_size"]
+        self.max_positions: int = m["max_positions"]
+        self.precision: str = m["precision"]
+        self._kv_shape = (1, m["num_kv_heads"], 0, m["head_dim"])
+        self._inputs, self._outputs = io_names(self.exit_layer)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads or default_threads()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.providers = providers or default_providers(self.precision)
+        graph = self.graph_dir / m.get("graph_file", GRAPH_FILE)
+        try:
+            self.session = ort.InferenceSession(str(graph), options, providers=self.providers)
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf types
+            raise ArtifactError(f"ONNX Runtime cannot load {graph}: {exc}") from exc
+        names_in = [i.name for i in self.session.get_inputs()]
+        names_out = [o.name for o in self.session.get_outputs()]
+        if names_in != self._inputs or names_out != self._outputs:
+            raise ArtifactError(f"{graph} has inputs {names_in} / outputs {names_out}, not those of an exit layer {self.exit_layer} edge graph")
+        self._past: list[np.ndarray] = []
+        self.reset()
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def run(self, input_ids: list[int]) -> EdgeStep:
+        if len(input_ids) == 0:
+            raise ValueError("run() needs at least one token id")
+        n = len(input_ids)
+        if self._length + n > self.max_positions:
+            raise ContextLengthError(f"{self._length + n} positions exceed the context length {self.max_positions}")
+        feed = {
+            "input_ids": np.asarray(input_ids, dtype=np.int64)[None],
+            "position_ids": np.arange(self._length, self._length + n, dtype=np.int64)[None],
+        }
+        feed.update(zip(self._inputs[2:], self._past))
+        logits, hidden, *present = self.session.run(self._outputs, feed)
+        self._past = present
+        self._length += n
+        return EdgeStep(logits=logits[0], hidden=hidden[0])
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self._length:
+            raise ValueError(f"cannot truncate to {length}: cache holds {self._length} positions")
+        if length < self._length:
+            self._past = [np.ascontiguousarray(t[:, :, :length]) for t in self._past]
+        self._length = length
+
+    def reset(self) -> None:
+        self._past = [np.zeros(self._kv_shape, dtype=np.float32) for _ in range(2 * self.exit_layer)]
+        self._length = 0
+
+
+def ensure_edge_graph(
+    model_spec: str,
+    exit_layer: int,
+    precision: str,
+    out_dir: Path | str | None = None,
+    head_dir: Path | str | None = None,
+    model=None,
+    progress: bool = True,
+) -> Path:
+    """The dir of an edge graph for (model, K, precision, head), exporting it when missing or not matching.
+
+    Default place: `artifacts_dir(fingerprint, K)/edge-<precision>` (or `edge-<precision>-<head kind>` with a
+    trained head). Pass `model` when it is already loaded, to skip loading it again.
+    """
+    from offramp.models import load_model, model_fingerprint
+    from offramp.models.exit_heads import load_head
+    from offramp.shared.paths import artifacts_dir
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"edge graph precision {precision!r} is not one of {PRECISIONS}")
+    if model is None:
+        model, _ = load_model(model_spec)
+    fingerprint = model_fingerprint(model)
+    head, head_manifest = (None, None) if head_dir is None else load_head(Path(head_dir), model)
+    if head is None:
+        from offramp.models.exit_heads import FinalNormHead
+
+        identity = head_identity(FinalNormHead(model), None)
+    else:
+        identity = head_identity(head, head_manifest)
+    if out_dir is None:
+        suffix = "" if head is None else f"-{identity['kind']}"
+        out_dir = artifacts_dir(fingerprint, exit_layer) / f"edge-{precision}{suffix}"
+    out_dir = Path(out_dir)
+    try:
+        check_manifest(out_dir, fingerprint=fingerprint, exit_layer=exit_layer, precision=precision, head=identity)
+        return out_dir
+    except ArtifactError:
+        pass
+    return export_edge(model, exit_layer, out_dir, precision, head=head, head_manifest=head_manifest, progress=progress)
