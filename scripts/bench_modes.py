@@ -150,10 +150,41 @@ class RequestResult:
     agree: int = 0
     exact: bool = False
     error: str | None = None
+    timeline: dict | None = None  # per-token sources, edge drafts, step and round-trip times (what-if model)
 
     @property
     def tokens(self) -> int:
         return len(self.token_ids)
+
+
+class TimedRuntime:
+    """Wraps an EdgeRuntime to time each step and keep the exit head's argmax (the edge's draft of each token)."""
+
+    def __init__(self, runtime: EdgeRuntime) -> None:
+        self.inner = runtime
+        self.step_s: list[float] = []
+        self.drafts: list[int] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    @property
+    def length(self) -> int:
+        return self.inner.length
+
+    def run(self, input_ids: list[int]):
+        t = time.perf_counter()
+        step = self.inner.run(input_ids)
+        self.step_s.append(time.perf_counter() - t)
+        self.drafts.append(int(np.argmax(step.logits)))
+        return step
+
+    def truncate(self, length: int) -> None:
+        self.inner.truncate(length)
+
+    def reset(self) -> None:
+        self.inner.reset()
+        self.step_s, self.drafts = [], []
 
 
 class CountingLink:
@@ -165,6 +196,7 @@ class CountingLink:
         self.calls = 0
         self.record = record
         self.trace: list[tuple[float, int, np.ndarray]] = []  # (gap since the previous reply, start, hidden)
+        self.rtt_s: list[float] = []  # duration of each extend call, in order
         self._last = time.perf_counter()
 
     def __getattr__(self, name: str):
@@ -172,7 +204,7 @@ class CountingLink:
 
     def mark(self) -> None:
         self._last = time.perf_counter()
-        self.trace = []
+        self.trace, self.rtt_s = [], []
 
     async def open_session(self, session_id: str) -> None:
         await self.inner.open_session(session_id)
@@ -182,12 +214,14 @@ class CountingLink:
         gap = time.perf_counter() - self._last
         if self.record:
             self.trace.append((gap, start, np.array(hidden, copy=True)))
+        t = time.perf_counter()
         try:
             return await self.inner.extend(session_id, start, hidden, want_token, sampling, u)
         finally:
             self.positions += len(hidden)
             self.calls += 1
             self._last = time.perf_counter()
+            self.rtt_s.append(self._last - t)
 
     async def close_session(self, session_id: str) -> None:
         await self.inner.close_session(session_id)
@@ -208,19 +242,30 @@ async def run_collaborative(
 ) -> RequestResult:
     """One generation with the real decode loop; `link=None` is edge-only."""
     counting = CountingLink(link) if link is not None and not isinstance(link, CountingLink) else link
-    decoder = CollaborativeDecoder(runtime, counting, total_layers, confidence)
+    timed = TimedRuntime(runtime)
+    decoder = CollaborativeDecoder(timed, counting, total_layers, confidence)
     options = DecodeOptions(max_new_tokens=max_new_tokens, threshold=threshold, stop_ids=list(stop_ids))
-    before = (counting.positions, counting.calls) if counting is not None else (0, 0)
+    before = (counting.positions, counting.calls, len(counting.rtt_s)) if counting is not None else (0, 0, 0)
     started = time.perf_counter()
     tokens: list[int] = []
+    sources: list[str] = []
     async for event in decoder.stream(list(prompt.input_ids), options):
         tokens.append(event.token_id)
+        sources.append(event.source)
     latency = time.perf_counter() - started
     s = decoder.stats
     after = (counting.positions, counting.calls) if counting is not None else (0, 0)
+    timeline = {
+        "sources": sources,
+        "draft_agrees": [int(d == t) for d, t in zip(timed.drafts, tokens)],
+        "prefill_s": timed.step_s[0] if timed.step_s else 0.0,
+        "step_s": timed.step_s[1:],
+        "rtt_s": list(counting.rtt_s[before[2]:]) if counting is not None else [],
+    }
     return RequestResult(
         prompt.prompt_id, tokens, s.ttft_s, latency, s.edge_exits, s.escalations, s.fallback_tokens,
         s.cloud_layer_tokens, s.full_layer_tokens, s.bytes_up, s.bytes_down, after[0] - before[0], after[1] - before[1],
+        timeline=timeline,
     )
 
 
@@ -299,6 +344,52 @@ def _chunk_token_ids(chunk: dict) -> list[int]:
     return out
 
 
+# --------------------------------------------------------------------------------------------------- what-if model
+
+
+def simulate_timeline(tl: dict, speculative: bool) -> float:
+    """Request time rebuilt from measured edge steps and escalation round trips.
+
+    sequential: what the decode loop does today (each escalation blocks the edge for its round trip).
+    speculative: the edge keeps drafting its own argmax while an escalation is in flight, and rolls back to the
+    cloud's token when it disagrees; escalations met while drafting go out at once (several per round trip).
+    The output is the same (every draft is confirmed or replaced by the cloud's token); only time changes.
+    Edge drafting is assumed not to slow the cloud (true when the edge is its own device, not on this machine).
+    """
+    sources, agrees, steps = tl["sources"], tl["draft_agrees"], tl["step_s"]
+    rtts = list(tl["rtt_s"])
+    fallback_step = float(np.median(steps)) if steps else 0.0
+    t, last_arrival, r = tl["prefill_s"], 0.0, 0
+    for i, source in enumerate(sources):
+        if source == "cloud" and r < len(rtts):
+            arrival = t + rtts[r]
+            r += 1
+            last_arrival = max(last_arrival, arrival)
+            if not speculative or not agrees[i]:
+                t = arrival  # blocked (sequential) or rolled back to the cloud's token (a wrong draft)
+        if i < len(sources) - 1:
+            t += steps[i] if i < len(steps) else fallback_step
+    return max(t, last_arrival)
+
+
+def whatif(results: Sequence[RequestResult]) -> dict | None:
+    """Per-request speculative estimate = measured latency x (modeled speculative / modeled sequential)."""
+    rows = [r for r in results if r.error is None and r.timeline and r.escalations]
+    if not rows:
+        return None
+    esc = sum(r.escalations for r in rows)
+    agree = sum(a for r in rows for a, s in zip(r.timeline["draft_agrees"], r.timeline["sources"]) if s == "cloud")
+    seq = [simulate_timeline(r.timeline, False) for r in rows]
+    spec = [simulate_timeline(r.timeline, True) for r in rows]
+    est = [r.latency_s * (b / a if a > 0 else 1.0) for r, a, b in zip(rows, seq, spec)]
+    return {
+        "draft_agreement_at_escalations": agree / max(esc, 1),
+        "model_error_p50": percentile([a / r.latency_s - 1 for r, a in zip(rows, seq)], 50),
+        "speculative_latency_p50_s": percentile(est, 50),
+        "speculative_speedup": sum(seq) / max(sum(spec), 1e-9),
+    }
+
+
 # --------------------------------------------------------------------------------------------------- aggregation
 
 
@@ -341,6 +432,7 @@ class ModeRow:
     latency_ratio: float | None = None
     cloud_compute_ratio: float | None = None
     cloud_cpu_ratio: float | None = None
+    whatif: dict | None = None  # modeled speculative drafting (see simulate_timeline); not a measurement
     per_request: list[dict] = field(default_factory=list)
 
     @property
@@ -395,8 +487,9 @@ def aggregate(row: ModeRow, results: Sequence[RequestResult], wall_s: float) -> 
     row.payload_down = sum(r.payload_down for r in ok)
     row.positions_uploaded = sum(r.positions_uploaded for r in ok)
     row.round_trips = sum(r.round_trips for r in ok)
+    row.whatif = whatif(results)
     row.per_request = [
-        {k: v for k, v in asdict(r).items() if k != "token_ids"} | {"tokens": r.tokens} for r in results
+        {k: v for k, v in asdict(r).items() if k not in ("token_ids", "timeline")} | {"tokens": r.tokens} for r in results
     ]
     return row
 
@@ -414,6 +507,8 @@ def compare_to_baseline(rows: Sequence[ModeRow]) -> None:
             row.cloud_compute_ratio = row.cloud_layer_tokens / b.cloud_layer_tokens
         if row.cloud_cpu_s is not None and b.cloud_cpu_s:
             row.cloud_cpu_ratio = row.cloud_cpu_s / b.cloud_cpu_s
+        if row.whatif is not None and b.latency_p50_s > 0:
+            row.whatif["speculative_latency_ratio"] = row.whatif["speculative_latency_p50_s"] / b.latency_p50_s
 
 
 def best_setting(rows: Sequence[ModeRow], profile: str, min_agreement: float = 0.98) -> ModeRow | None:

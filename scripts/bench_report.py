@@ -28,16 +28,19 @@ def _pct(value) -> str:
 
 def mode_table(rows: list[dict]) -> list[str]:
     head = ("| mode | K | thr | codec | latency p50 / p90 (s) | TTFT p50 / p90 (s) | tok/s | latency × cloud-only"
-            " | cloud layer-tokens × | cloud CPU s (×) | up B/tok | down B/tok | up B/position | exit rate | agreement | exact | errors |")
+            " | cloud layer-tokens × | cloud CPU s (×) | up B/tok | down B/tok | up B/position | exit rate | agreement | exact | errors"
+            " | draft ok @esc | speculative est. × |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in rows:
+        w = r.get("whatif") or {}
         cpu = "–" if r.get("cloud_cpu_s") is None else f"{r['cloud_cpu_s']:.1f} ({_f(r.get('cloud_cpu_ratio'))})"
         lines.append(
             f"| {r['mode']} | {_f(r['exit_layer'], '{}')} | {_f(r['threshold'], '{:g}')} | {r['codec'] or '–'}"
             f" | {r['latency_p50_s']:.2f} / {r['latency_p90_s']:.2f} | {r['ttft_p50_s']:.3f} / {r['ttft_p90_s']:.3f}"
             f" | {r['tokens_per_s']:.1f} | {_f(r.get('latency_ratio'))} | {_f(r.get('cloud_compute_ratio'))} | {cpu}"
             f" | {r['bytes_up_per_token']:.0f} | {r['bytes_down_per_token']:.0f} | {_f(r.get('bytes_up_per_position'), '{:.0f}')}"
-            f" | {_pct(r['exit_rate'])} | {_pct(r['agreement'])} | {_pct(r['exact_match'])} | {r['errors']} |"
+            f" | {_pct(r['exit_rate'])} | {_pct(r['agreement'])} | {_pct(r['exact_match'])} | {r['errors']}"
+            f" | {_pct(w.get('draft_agreement_at_escalations'))} | {_f(w.get('speculative_latency_ratio'))} |"
         )
     return lines
 
@@ -97,6 +100,9 @@ def write_report(results: dict, out: Path) -> None:
         f"{meta['loadavg_end'][0]:.1f} at the end. Links emulated in user space (shared/link_emulator.py).",
         f"Agreement is {meta['agreement_definition']}; exact = share of prompts whose whole output is the full model's greedy output.",
         "Ratios (×) are against cloud-only on the same profile in this run; bytes are wire bytes through the emulator.",
+        "`draft ok @esc`: how often the exit head's own argmax was right at escalated positions; `speculative est. ×`: a",
+        "*model*, not a measurement — this run's edge steps and round trips replayed as if the edge kept drafting during",
+        "escalations and rolled back on disagreement (same output); see `simulate_timeline` in scripts/bench_modes.py.",
         "",
         "## Summary: best collaborative setting at ≥ 98% agreement",
         "",

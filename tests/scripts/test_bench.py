@@ -115,3 +115,11 @@ async def test_report_from_results(tiny_edge, tmp_path: Path) -> None:
     report = (tmp_path / "report.md").read_text()
     assert "| inprocess | 2 | 2 | fp32 | 100.0% |" in report
     assert (tmp_path / "pareto.png").stat().st_size > 1000 and (tmp_path / "scaling.png").exists()
+
+
+def test_whatif_model_overlaps_agreeing_escalations_only() -> None:
+    tl = {"sources": ["edge", "cloud", "edge", "edge", "cloud", "edge"], "draft_agrees": [1, 1, 1, 1, 0, 1],
+          "prefill_s": 0.1, "step_s": [0.01] * 5, "rtt_s": [0.05, 0.05]}
+    assert bm.simulate_timeline(tl, speculative=False) == pytest.approx(0.1 + 5 * 0.01 + 2 * 0.05)
+    # The first escalation's draft was right: its round trip overlaps the next steps; the second blocks.
+    assert bm.simulate_timeline(tl, speculative=True) == pytest.approx(0.1 + 0.03 + 0.05 + 0.01 + 0.01)
