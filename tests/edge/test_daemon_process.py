@@ -1,0 +1,157 @@
+"""`offramp edge serve` as a real process on loopback: standalone, collaborative (in-process cloud, and a ws://
+cloud once `offramp cloud serve` exists) and fallback (a cloud URL on a closed port, a cloud killed mid-run)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.edge.conftest import REQUEST_TIMEOUT, DaemonProcess, http, sse_events, wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+CHAT = {"messages": [{"role": "user", "content": "What is gravity?"}], "max_tokens": 8, "temperature": 0}
+HAS_WS_LINK = importlib.util.find_spec("offramp.edge.ws_link") is not None
+HAS_CLOUD_SERVER = importlib.util.find_spec("offramp.cloud.server") is not None
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("cloud, mode", [("none", "edge-standalone"), ("local", "collaborative")])
+def test_serve_process_answers_the_openai_package_and_exits_on_sigterm(cloud, mode) -> None:
+    openai = pytest.importorskip("openai")
+    daemon = DaemonProcess(cloud=cloud, threshold=2.0 if cloud == "local" else 0.9).start()
+    try:
+        client = openai.OpenAI(base_url=daemon.base_url + "/v1", api_key="unused", timeout=REQUEST_TIMEOUT, max_retries=0)
+        stream = client.chat.completions.create(model="SmolLM2-135M-Instruct", stream=True, **CHAT)
+        chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        final = chunks[-1]
+        assert text and final.choices[0].finish_reason in ("stop", "length")
+        assert final.offramp["mode"] == mode
+        expected = {"edge"} if cloud == "none" else {"cloud"}
+        assert set(final.offramp["sources"]) == expected
+        status, health = http("GET", daemon.base_url + "/healthz")
+        assert status == 200 and health["cloud"]["state"] == ("disabled" if cloud == "none" else "up")
+        status, text = http("POST", daemon.base_url + "/v1/completions", {"prompt": "Hello", "max_tokens": 3, "stream": True})
+        events = sse_events(text)
+        assert status == 200 and events[-1] == "[DONE]" and "usage" in events[-2] and "offramp" in events[-2]
+        assert re.match(r"cmpl-[0-9a-f]+", events[0]["id"])
+        status, body = http("POST", daemon.base_url + "/v1/chat/completions", b"{not json")
+        assert status == 400 and body["error"]["code"] == "invalid_json"
+        assert http("GET", daemon.base_url + "/v1/models")[0] == 200  # still serving
+    finally:
+        rc = daemon.stop()
+    assert rc == 0, "".join(daemon.output[-20:])
+
+
+def test_sigterm_drains_an_in_flight_request() -> None:
+    daemon = DaemonProcess(cloud="none").start()
+    result: dict = {}
+
+    def request() -> None:
+        result["answer"] = http("POST", daemon.base_url + "/v1/completions", {"prompt": "Count: 1, 2, 3,", "max_tokens": 24, "temperature": 0})
+
+    worker = threading.Thread(target=request)
+    worker.start()
+    assert wait_until(lambda: http("GET", daemon.base_url + "/healthz")[1]["edge"]["sessions_active"] == 1, timeout=30)
+    rc = daemon.stop()
+    worker.join(timeout=REQUEST_TIMEOUT)
+    status, body = result["answer"]
+    assert status == 200 and body["usage"]["completion_tokens"] == 24  # finished, not cut
+    assert rc == 0
+
+
+def test_public_bind_without_token_is_refused_and_with_token_requires_it(tmp_path) -> None:
+    script = Path(sys.executable).with_name("offramp")
+    launcher = [str(script)] if script.exists() else [sys.executable, "-m", "offramp.shared.cli"]
+    refused = subprocess.run([*launcher, "edge", "serve", "--cloud", "none", "--host", "0.0.0.0"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--token-file" in refused.stderr
+    token = tmp_path / "token"
+    token.write_text("tok-123\n")
+    daemon = DaemonProcess(cloud="none", host="0.0.0.0", token_file=token).start()
+    try:
+        assert http("GET", daemon.base_url + "/v1/models")[0] == 401
+        assert http("GET", daemon.base_url + "/v1/models", headers={"Authorization": "Bearer tok-123"})[0] == 200
+        assert "tok-123" not in "".join(daemon.output)  # never logged
+    finally:
+        assert daemon.stop() == 0
+
+
+@pytest.mark.skipif(not HAS_WS_LINK, reason="offramp.edge.ws_link (the WebSocket cloud link) is not built yet")
+def test_cloud_on_a_closed_port_means_fallback_tokens_and_health_down() -> None:
+    daemon = DaemonProcess(cloud=f"ws://127.0.0.1:{closed_port()}", threshold=2.0).start()
+    try:
+        started = time.monotonic()
+        status, body = http("POST", daemon.base_url + "/v1/chat/completions", CHAT)
+        assert status == 200, body
+        assert set(body["offramp"]["sources"]) == {"edge-fallback"}
+        assert body["offramp"]["fallback_tokens"] == body["usage"]["completion_tokens"]
+        assert time.monotonic() - started < REQUEST_TIMEOUT
+        status, health = http("GET", daemon.base_url + "/healthz")
+        assert health["cloud"]["state"] == "down" and health["status"] == "degraded"
+    finally:
+        assert daemon.stop() == 0
+
+
+class CloudProcess:
+    """`offramp cloud serve` on a free port (flags per the cloud server's CLI)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        script = Path(sys.executable).with_name("offramp")
+        launcher = [str(script)] if script.exists() else [sys.executable, "-m", "offramp.shared.cli"]
+        cmd = [*launcher, "cloud", "serve", "--host", "127.0.0.1", "--port", str(port), "--exit-layer", "15"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        self.output: list[str] = []
+        threading.Thread(target=lambda: self.output.extend(self.proc.stdout), daemon=True).start()
+        if not wait_until(self._listening, timeout=120, interval=0.2):
+            self.kill()
+            raise RuntimeError("offramp cloud serve did not start:\n" + "".join(self.output[-30:]))
+
+    def _listening(self) -> bool:
+        if self.proc.poll() is not None:
+            return True
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+
+@pytest.mark.skipif(not (HAS_WS_LINK and HAS_CLOUD_SERVER), reason="the cloud server and WebSocket link are not built yet")
+def test_ws_cloud_collaborates_then_falls_back_when_killed() -> None:
+    port = closed_port()
+    cloud = CloudProcess(port)
+    daemon = DaemonProcess(cloud=f"ws://127.0.0.1:{port}", threshold=2.0, codec="fp32").start()
+    try:
+        assert cloud.proc.poll() is None, "".join(cloud.output[-30:])
+        status, body = http("POST", daemon.base_url + "/v1/chat/completions", CHAT)
+        assert status == 200 and set(body["offramp"]["sources"]) == {"cloud"}, body
+        assert body["offramp"]["bytes_up"] > 0
+        cloud.kill()
+        status, body = http("POST", daemon.base_url + "/v1/chat/completions", CHAT)
+        assert status == 200 and "edge-fallback" in body["offramp"]["sources"]
+        assert http("GET", daemon.base_url + "/healthz")[1]["cloud"]["state"] == "down"
+    finally:
+        cloud.kill()
+        daemon.stop()
