@@ -120,6 +120,7 @@ def ensure_edge_graph(
     head_dir: Path | str | None = None,
     model=None,
     progress: bool = True,
+    force: bool = False,
 ) -> Path:
     """The dir of an edge graph for (model, K, precision, head), exporting it when missing or not matching.
 
@@ -127,6 +128,7 @@ def ensure_edge_graph(
     trained head). Pass `model` when it is already loaded, to skip loading it again.
     """
     from offramp.models import load_model, model_fingerprint
+    from offramp.models.architecture import check_exit_layer
     from offramp.models.exit_heads import load_head
     from offramp.shared.paths import artifacts_dir
 
@@ -134,6 +136,7 @@ def ensure_edge_graph(
         raise ValueError(f"edge graph precision {precision!r} is not one of {PRECISIONS}")
     if model is None:
         model, _ = load_model(model_spec)
+    check_exit_layer(model, exit_layer)
     fingerprint = model_fingerprint(model)
     head, head_manifest = (None, None) if head_dir is None else load_head(Path(head_dir), model)
     if head is None:
@@ -146,9 +149,10 @@ def ensure_edge_graph(
         suffix = "" if head is None else f"-{identity['kind']}"
         out_dir = artifacts_dir(fingerprint, exit_layer) / f"edge-{precision}{suffix}"
     out_dir = Path(out_dir)
-    try:
-        check_manifest(out_dir, fingerprint=fingerprint, exit_layer=exit_layer, precision=precision, head=identity)
-        return out_dir
-    except ArtifactError:
-        pass
+    if not force:
+        try:
+            check_manifest(out_dir, fingerprint=fingerprint, exit_layer=exit_layer, precision=precision, head=identity)
+            return out_dir
+        except ArtifactError:
+            pass  # missing, stale or for another model/head: export afresh
     return export_edge(model, exit_layer, out_dir, precision, head=head, head_manifest=head_manifest, progress=progress)

@@ -1,0 +1,213 @@
+"""`offramp export` (and, later, train-exits / calibrate / eval): one `add_<name>` + `run_<name>` pair per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from offramp.models.export import PRECISIONS
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add this package's subcommands to the root `offramp` parser."""
+    add_export(subparsers)
+    add_train_exits(subparsers)
+    add_calibrate(subparsers)
+    add_eval(subparsers)
+
+
+def add_export(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("export", help="export the edge part (layers 0..K-1 + exit head) as an ONNX graph")
+    p.add_argument("--model", default="default", help="'default', a local HF checkpoint dir, or a .gguf file")
+    p.add_argument("--exit-layer", type=int, required=True, help="K: the edge runs layers 0..K-1")
+    p.add_argument("--out", type=Path, default=None, help="output dir (default: the artifacts cache for this model and K)")
+    p.add_argument("--precision", choices=PRECISIONS, default="int8")
+    p.add_argument("--head", type=Path, default=None, help="dir of a trained exit head (default: final norm + LM head)")
+    p.add_argument("--force", action="store_true", help="export even when a matching graph is already there")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from offramp.edge.onnx_runtime import ensure_edge_graph
+    from offramp.models import load_model
+    from offramp.models.export import MANIFEST_FILE
+
+    model, _ = load_model(args.model)
+    out = ensure_edge_graph(
+        args.model, args.exit_layer, args.precision, out_dir=args.out, head_dir=args.head, model=model, force=args.force
+    )
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    sizes = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in manifest["files"].items())
+    print(f"{out}  (K={manifest['exit_layer']} {manifest['precision']}: {sizes})")
+    return 0
+
+
+# --- exit heads: train-exits, calibrate, eval (models/train_exits.py, router.py, evaluate.py) ------------------
+
+
+def _add_exit_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="'default', a local HF checkpoint dir, or a .gguf file")
+    p.add_argument("--exit-layer", type=int, nargs="+", required=True, help="K (several share one teacher pass)")
+    p.add_argument("--corpus", nargs="+", default=None, metavar="FILE", help="plain-text files added to the default corpus")
+    p.add_argument("--quick", action="store_true", help="small corpus and few steps, for development")
+
+
+def _corpus_spec(args: argparse.Namespace, head_dir: Path | None = None):
+    """--quick/--corpus if given, else the corpus the head was trained on, else the default corpus."""
+    from offramp.models.corpus import CorpusSpec
+    from offramp.models.train_exits import corpus_spec_from_manifest
+
+    if args.quick or args.corpus:
+        spec = CorpusSpec.quick() if args.quick else CorpusSpec()
+        spec.files = tuple(str(Path(f).resolve()) for f in args.corpus or ())
+        return spec
+    return (corpus_spec_from_manifest(head_dir) if head_dir else None) or CorpusSpec()
+
+
+def _head_dirs(args: argparse.Namespace, fingerprint: str, flag: str) -> dict[int, Path]:
+    from offramp.models.train_exits import default_head_dir
+    from offramp.shared.errors import SplitConfigError
+
+    given = getattr(args, flag)
+    if given is not None and len(args.exit_layer) > 1:
+        raise SplitConfigError(f"--{flag} {given} names one directory but {len(args.exit_layer)} exit layers were given")
+    return {k: Path(given) if given is not None else default_head_dir(fingerprint, k) for k in args.exit_layer}
+
+
+def add_train_exits(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train-exits", help="distil an exit head at layer K from the full model (base frozen)")
+    _add_exit_common(p)
+    p.add_argument("--out", type=Path, default=None, help="head dir (default: artifacts cache for this model and K)")
+    p.add_argument("--kind", default="mlp_stack", help="head kind: mlp_stack (default) or residual_mlp")
+    p.add_argument("--depth", type=int, default=None, help="blocks in the head (default per kind)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 2000, --quick 40)")
+    p.add_argument("--batch-tokens", type=int, default=None, help="positions per step (default 1024, --quick 256)")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the feature cosine loss")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-budget", type=float, default=18.0, help="minutes per K; stops early and saves (0: none)")
+    p.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out instead of resuming it")
+    p.set_defaults(func=run_train_exits)
+
+
+def run_train_exits(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from offramp.models.corpus import corpus_key
+    from offramp.models.heads import default_head_config
+    from offramp.models.train_exits import TRAIN_STATE, TrainConfig, prepare, train_head
+
+    spec = _corpus_spec(args)
+    prep = prepare(args.model, spec, args.exit_layer)
+    dirs = {k: (args.out / f"k{k}" if args.out and len(args.exit_layer) > 1 else args.out) for k in args.exit_layer}
+    for k in args.exit_layer:
+        out = dirs[k] or _head_dirs(args, prep.fingerprint, "out")[k]
+        head_config = default_head_config(args.kind, k)
+        if args.depth is not None:
+            head_config["depth"] = args.depth
+        cfg = TrainConfig(
+            exit_layer=k, kind=args.kind, head_config=head_config, seed=args.seed, lr=args.lr,
+            steps=args.steps or (40 if args.quick else 2000),
+            batch_tokens=args.batch_tokens or (256 if args.quick else 1024),
+            hidden_weight=args.hidden_weight,
+        )
+        if args.fresh and (out / TRAIN_STATE).is_file():
+            (out / TRAIN_STATE).unlink()
+        meta = {"corpus_spec": asdict(spec), "corpus_key": corpus_key(prep.sequences)}
+        _, stats = train_head(
+            prep.model, prep.data, cfg, out, time_budget_s=args.time_budget * 60 or None, extra_meta=meta
+        )
+        print(f"K={k}: {out}  calib top-1 agreement {stats['calib_agreement']:.3f} after {stats['steps']} steps "
+              f"({stats['train_seconds']:.0f} s)")
+    return 0
+
+
+def add_calibrate(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("calibrate", help="fit the exit rule and pick the threshold meeting a target agreement")
+    _add_exit_common(p)
+    p.add_argument("--head", type=Path, default=None, help="head dir (default: artifacts cache for this model and K)")
+    p.add_argument("--target-agreement", type=float, required=True, help="e.g. 0.99: collaborative top-1 agreement")
+    p.add_argument("--router", choices=("logistic", "max_prob"), default="logistic")
+    p.add_argument("--on", choices=("serving", "human", "all"), default="serving", help="calib-split text to fit on")
+    p.set_defaults(func=run_calibrate)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from offramp.models import load_model, model_fingerprint
+    from offramp.models.evaluate import calibrate_head
+    from offramp.models.exit_heads import load_head
+    from offramp.models.router import save_exit_rule
+    from offramp.models.teacher import HUMAN_SOURCES, SERVING_SOURCES, SOURCES
+    from offramp.models.train_exits import prepare
+
+    model, _ = load_model(args.model)
+    dirs = _head_dirs(args, model_fingerprint(model), "head")
+    prep = prepare(args.model, _corpus_spec(args, dirs[args.exit_layer[0]]), args.exit_layer)
+    sources = {"serving": SERVING_SOURCES, "human": HUMAN_SOURCES, "all": SOURCES}[args.on]
+    for k, head_dir in dirs.items():
+        head, _ = load_head(head_dir, prep.model)
+        rule = calibrate_head(prep.data, head, k, args.target_agreement, args.router, sources)
+        path = save_exit_rule(rule, head_dir)
+        m = rule.meta
+        print(f"K={k}: threshold {rule.threshold:.4f} -> calib exit rate {m['calib_exit_rate']:.3f} at agreement "
+              f"{m['calib_agreement']:.4f} ({m['calib_positions']} positions); wrote {path}")
+    return 0
+
+
+def add_eval(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("eval", help="exit rate vs agreement on held-out text, teacher-forced and free-running")
+    _add_exit_common(p)
+    p.add_argument("--head", type=Path, default=None, help="head dir (default: artifacts cache; 'none': baseline)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per exit layer")
+    p.add_argument("--plot", type=Path, default=None, metavar="FILE.png", help="Pareto plot, one curve per K")
+    p.add_argument("--free-prompts", type=int, default=24, help="held-out prompts for free-running greedy (0: skip)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from offramp.models import load_model, model_fingerprint
+    from offramp.models.evaluate import evaluate_layer, pareto_plot
+    from offramp.models.exit_heads import FinalNormHead, load_head
+    from offramp.models.router import load_exit_rule
+    from offramp.models.train_exits import prepare
+
+    model, _ = load_model(args.model)
+    baseline = args.head is not None and str(args.head) == "none"
+    if baseline:
+        args.head = None
+    dirs = _head_dirs(args, model_fingerprint(model), "head")
+    prep = prepare(args.model, _corpus_spec(args, None if baseline else dirs[args.exit_layer[0]]), args.exit_layer)
+    curves = {}
+    for k, head_dir in dirs.items():
+        head = FinalNormHead(prep.model) if baseline else load_head(head_dir, prep.model)[0]
+        rule = load_exit_rule(None if baseline else head_dir)
+        res = evaluate_layer(prep.model, prep.tokenizer, prep.sequences, prep.data, head, rule, k,
+                             args.free_prompts if args.free_prompts > 0 else 0, args.max_new_tokens)
+        curves[f"K={k}" + (" baseline" if baseline else "")] = res["points"]
+        if args.json:
+            print(json.dumps(res))
+        else:
+            _print_eval(res)
+    if args.plot:
+        print(f"plot: {pareto_plot(curves, args.plot, 'held-out serving text (teacher-forced)')}")
+    return 0
+
+
+def _print_eval(res: dict) -> None:
+    print(f"K={res['exit_layer']}  rule={res['rule']}  calibrated threshold={res['calibrated_threshold']:.4f}")
+    for name in ("serving", "human"):
+        if name not in res:
+            continue
+        sw = res[name]
+        c = sw["at_calibrated"]
+        print(f"  {name}: {sw['positions']} positions; edge-only top-1 {sw['edge_top1_agreement']:.3f}; "
+              f"ppl full {sw['full_ppl']:.2f} edge {sw['edge_ppl']:.2f}")
+        print(f"    at calibrated threshold: exit rate {c['exit_rate']:.3f}, agreement {c['agreement']:.4f}, "
+              f"ppl {c['ppl']:.2f}")
+        for o in sw["oracle_on_test"]:
+            print(f"    best exit rate at agreement >= {o['target']}: {o['exit_rate']:.3f}")
+    for name, fr in res.get("free_running", {}).items():
+        print(f"  free-running {name} ({fr['prompts']} prompts): common prefix {fr['common_prefix_fraction']:.3f}, "
+              f"exact {fr['exact_match_fraction']:.3f}, edge fraction {fr['edge_fraction']:.3f}")
