@@ -49,6 +49,7 @@ class BenchConfig:
     codecs: list[str] = field(default_factory=lambda: ["int8", "fp16", "fp32"])
     codec_threshold: float | None = None  # the threshold the codec comparison runs at (default: the middle one)
     edge_precision: str = "int8"
+    heads: str = "auto"  # auto: trained exit heads + calibrated rule where present; none: final-norm baseline
     cloud: str = "serve"  # serve | inprocess
     clients: list[int] = field(default_factory=lambda: [1, 4, 16, 32])
     clients_profile: str = "wan"
@@ -62,9 +63,12 @@ class BenchConfig:
         return cls(prompts=4, max_new_tokens=24, exit_layers=[20], thresholds=[0.6, 0.9], codecs=["int8", "fp16"],
                    clients=[1, 4], quick=True)
 
-    def collaborative_settings(self) -> list[tuple[int, float, str]]:
-        """(K, threshold, codec): every threshold at every K with the first codec; the other codecs at one point."""
-        settings = [(k, t, self.codecs[0]) for k in self.exit_layers for t in self.thresholds]
+    def collaborative_settings(self, calibrated: dict[int, float] | None = None) -> list[tuple[int, float, str]]:
+        """(K, threshold, codec): every threshold (and K's calibrated one) at every K with the first codec; the
+        other codecs at one point."""
+        calibrated = calibrated or {}
+        settings = [(k, t, self.codecs[0]) for k in self.exit_layers
+                    for t in sorted(set(self.thresholds) | ({round(calibrated[k], 4)} if k in calibrated else set()))]
         ct = self.codec_threshold if self.codec_threshold is not None else sorted(self.thresholds)[len(self.thresholds) // 2]
         settings += [(self.exit_layers[0], ct, c) for c in self.codecs[1:]]
         return list(dict.fromkeys(settings))
@@ -93,37 +97,67 @@ class Edge:
         self._confidence: dict[int, object] = {}
         self.precision_used: dict[int, str] = {}
         self.exit_rule: dict[int, str] = {}
+        self.calibrated: dict[int, float] = {}  # K -> the threshold `offramp calibrate` chose
+
+    def head_dir(self, k: int) -> Path | None:
+        """The trained exit head for K (`offramp train-exits`' default place) unless `--heads none`."""
+        if self.cfg.heads == "none":
+            return None
+        try:
+            from offramp.models import model_fingerprint
+            from offramp.models.train_exits import default_head_dir
+        except ImportError:
+            return None
+        if not hasattr(self, "_fingerprint"):
+            self._fingerprint = model_fingerprint(self.model)
+        d = default_head_dir(self._fingerprint, k)
+        return d if (d / "head.json").is_file() else None
 
     def runtime(self, k: int):
-        """The edge runtime for exit layer K: ONNX at the configured precision when it builds, else PyTorch."""
+        """The edge runtime for K: the ONNX graph at the configured precision (one intra-op thread), else PyTorch."""
         if k not in self._runtimes:
-            from offramp.edge.assemble import build_edge_runtime
-
-            head = None
+            head_dir = self.head_dir(k)
             precision = self.cfg.edge_precision
             try:
-                self._runtimes[k] = build_edge_runtime(self.model, k, precision, self.cfg.model, head=head)
-            except Exception as exc:  # the ONNX runtime may not have landed: say so, measure with PyTorch
+                self._runtimes[k] = self._build(k, precision, head_dir)
+            except Exception as exc:  # e.g. ONNX export unavailable: say so, measure with PyTorch
                 print(f"[bench] edge precision {precision} at K={k} unavailable ({type(exc).__name__}: {exc}); using torch")
                 precision = "torch"
-                self._runtimes[k] = build_edge_runtime(self.model, k, "torch", self.cfg.model, head=head)
-            self.precision_used[k] = precision
+                self._runtimes[k] = self._build(k, precision, head_dir)
+            self.precision_used[k] = precision + ("" if head_dir is None else f" + trained head {head_dir.name}")
         return self._runtimes[k]
 
-    def confidence(self, k: int):
-        """The calibrated exit rule when the router has one for K; else the max-softmax default."""
-        if k not in self._confidence:
-            fn, rule = bm.max_prob_confidence, "max-prob (uncalibrated)"
-            try:
-                from offramp.models import router  # noqa: F401  (the exit-head engineer's module)
+    def _build(self, k: int, precision: str, head_dir: Path | None):
+        if precision == "torch":
+            from offramp.edge.torch_runtime import TorchEdgeRuntime
+            from offramp.models.split import EdgePart
 
-                loader = getattr(router, "load_confidence", None)
-                if loader is not None:
-                    fn = loader(self.model, k)
-                    rule = "router.load_confidence"
-            except Exception as exc:  # absent or not trained for this K
-                rule += f" [router: {type(exc).__name__}]"
-            self._confidence[k], self.exit_rule[k] = fn, rule
+            head = None
+            if head_dir is not None:
+                from offramp.models.exit_heads import load_head
+
+                head, _ = load_head(head_dir, self.model)
+            return TorchEdgeRuntime(EdgePart(self.model, k, head))
+        from offramp.edge.onnx_runtime import OnnxEdgeRuntime, ensure_edge_graph
+
+        graph = ensure_edge_graph(self.cfg.model, k, precision, head_dir=head_dir, model=self.model, progress=False)
+        return OnnxEdgeRuntime(graph, intra_op_threads=1)
+
+    def confidence(self, k: int):
+        """The exit rule stored with the head (calibrated when `router.json` exists), else max-softmax."""
+        if k not in self._confidence:
+            fn, rule_name = bm.max_prob_confidence, "max-prob (uncalibrated)"
+            try:
+                from offramp.models.router import load_exit_rule
+
+                rule = load_exit_rule(self.head_dir(k))
+                fn = rule.confidence
+                rule_name = f"{rule.kind}" + (f", calibrated threshold {rule.threshold:.3g}" if rule.kind != "max_prob" else "")
+                if rule.kind != "max_prob":
+                    self.calibrated[k] = float(rule.threshold)
+            except ImportError:
+                pass
+            self._confidence[k], self.exit_rule[k] = fn, rule_name
         return self._confidence[k]
 
     def judge_result(self, prompt: bm.BenchPrompt, result: bm.RequestResult, max_new_tokens: int) -> None:
@@ -233,59 +267,97 @@ class ServedBackend:
 # --------------------------------------------------------------------------------------------------- runs
 
 
+class ModeRunner:
+    """One mode (and setting) on one profile: open once, run any prompt, close, then one report row.
+
+    Modes are run interleaved, prompt by prompt (`run_interleaved`), so that a burst of load from other work on
+    this machine lands on every mode alike instead of on whichever mode happened to run then.
+    """
+
+    def __init__(self, backend, edge: Edge, cfg: BenchConfig, profile: str, mode: str, k: int | None = None,
+                 threshold: float | None = None, codec: str | None = None, traces: dict | None = None) -> None:
+        self.backend, self.edge, self.cfg = backend, edge, cfg
+        self.profile, self.mode, self.k, self.threshold, self.codec = profile, mode, k, threshold, codec
+        self.traces = traces
+        self.link: bm.CountingLink | None = None
+        self.results: list[bm.RequestResult] = []
+
+    async def open(self) -> None:
+        if self.mode == "collaborative":
+            self.link = bm.CountingLink(await self.backend.open_link(self.k, self.codec), record=self.traces is not None)
+
+    async def close(self) -> None:
+        if self.link is not None:
+            await self.link.aclose()
+            self.link = None
+
+    async def _request(self, prompt: bm.BenchPrompt) -> bm.RequestResult:
+        n = self.cfg.max_new_tokens
+        if self.mode == "cloud-only":
+            return await self.backend.cloud_only(prompt, n)
+        runtime = self.edge.runtime(self.k if self.k is not None else self.cfg.exit_layers[0])
+        if self.link is not None:
+            self.link.mark()
+        result = await bm.run_collaborative(runtime, self.link, self.edge.num_layers, prompt, n,
+                                            self.threshold if self.threshold is not None else 2.0, self.edge.stop_ids,
+                                            self.edge.confidence(runtime.exit_layer))
+        if self.link is not None and self.traces is not None:
+            self.traces[prompt.prompt_id] = (list(self.link.trace), time.perf_counter() - self.link._last, result.tokens, result.latency_s)
+        return result
+
+    async def run(self, prompt: bm.BenchPrompt, measure: bool = True) -> bm.RequestResult | None:
+        """One request; its cloud CPU seconds and wire bytes are read around it (nothing else runs meanwhile)."""
+        cloud_k = self.k if self.mode == "collaborative" else None
+        counted = self.mode != "edge-only"
+        cpu0 = self.backend.cpu(cloud_k) if counted else None
+        wire0 = self.backend.wire(cloud_k) if counted else None
+        try:
+            result = await self._request(prompt)
+        except Exception as exc:  # a failed request is a result, not a crashed bench
+            result = bm.RequestResult(prompt.prompt_id, [], 0.0, 0.0, error=f"{type(exc).__name__}: {exc}")
+        if not measure:
+            return None
+        if cpu0 is not None:
+            result.cloud_cpu_s = self.backend.cpu(cloud_k) - cpu0
+        if wire0 is not None:
+            w = self.backend.wire(cloud_k)
+            result.wire_up, result.wire_down = w[0] - wire0[0], w[1] - wire0[1]
+        if result.error is None:
+            self.edge.judge_result(prompt, result, self.cfg.max_new_tokens)
+        self.results.append(result)
+        return result
+
+    def row(self) -> bm.ModeRow:
+        row = bm.aggregate(bm.ModeRow(self.mode, self.profile, self.k, self.threshold, self.codec), self.results, 0.0)
+        if self.mode == "edge-only":
+            row.cloud_cpu_s, row.wire_up, row.wire_down = 0.0, 0, 0
+        print(f"[bench] {self.profile:>8} {row.key:<22} p50 {row.latency_p50_s:6.2f}s ttft {row.ttft_p50_s:5.3f}s "
+              f"agree {row.agreement:6.1%} exit {row.exit_rate:5.1%} layer-tok {row.cloud_layer_tokens} "
+              f"up/tok {row.bytes_up_per_token:7.0f}B errors {row.errors}", flush=True)
+        return row
+
+
+async def run_interleaved(runners: list[ModeRunner], prompts) -> list[bm.ModeRow]:
+    """Warm every mode up on the first prompt (not measured), then prompt by prompt, every mode in turn."""
+    for r in runners:
+        await r.open()
+    try:
+        for r in runners:
+            await r.run(prompts[0], measure=False)
+        for prompt in prompts:
+            for r in runners:
+                await r.run(prompt)
+    finally:
+        for r in runners:
+            await r.close()
+    return [r.row() for r in runners]
+
+
 async def run_mode(backend, edge: Edge, cfg: BenchConfig, prompts, profile: str, mode: str,
                    k: int | None = None, threshold: float | None = None, codec: str | None = None,
                    traces: dict | None = None) -> bm.ModeRow:
-    """One mode over every prompt, one request after another, with a warm-up request that is not measured."""
-    row = bm.ModeRow(mode, profile, k, threshold, codec)
-    link = None
-    if mode == "collaborative":
-        link = bm.CountingLink(await backend.open_link(k, codec), record=traces is not None)
-    n = cfg.max_new_tokens
-
-    async def one(prompt: bm.BenchPrompt) -> bm.RequestResult:
-        if mode == "cloud-only":
-            return await backend.cloud_only(prompt, n)
-        runtime = edge.runtime(k if k is not None else cfg.exit_layers[0])
-        if link is not None:
-            link.mark()
-        result = await bm.run_collaborative(runtime, link, edge.num_layers, prompt, n,
-                                            threshold if threshold is not None else 2.0, edge.stop_ids,
-                                            edge.confidence(runtime.exit_layer))
-        if link is not None and traces is not None:
-            tail = time.perf_counter() - link._last
-            traces[prompt.prompt_id] = (list(link.trace), tail, result.tokens, result.latency_s)
-        return result
-
-    try:
-        await one(prompts[0])  # warm-up: connections, sessions, caches
-        cpu0, wire0 = backend.cpu(k), backend.wire(k)
-        started = time.perf_counter()
-        results = []
-        for prompt in prompts:
-            try:
-                results.append(await one(prompt))
-            except Exception as exc:  # a failed request is a result, not a crashed bench
-                results.append(bm.RequestResult(prompt.prompt_id, [], 0.0, 0.0, error=f"{type(exc).__name__}: {exc}"))
-        wall = time.perf_counter() - started
-        cpu1, wire1 = backend.cpu(k), backend.wire(k)
-    finally:
-        if link is not None:
-            await link.aclose()
-    for prompt, result in zip(prompts, results):
-        if result.error is None:
-            edge.judge_result(prompt, result, n)
-    bm.aggregate(row, results, wall)
-    if cpu0 is not None and mode != "edge-only":
-        row.cloud_cpu_s = cpu1 - cpu0
-    if wire0 is not None and mode != "edge-only":
-        row.wire_up, row.wire_down = wire1[0] - wire0[0], wire1[1] - wire0[1]
-    if mode == "edge-only":
-        row.cloud_cpu_s, row.wire_up, row.wire_down = 0.0, 0, 0
-    print(f"[bench] {profile:>8} {row.key:<22} p50 {row.latency_p50_s:6.2f}s ttft {row.ttft_p50_s:5.3f}s "
-          f"agree {row.agreement:6.1%} exit {row.exit_rate:5.1%} layer-tok {row.cloud_layer_tokens} "
-          f"up/tok {row.bytes_up_per_token:7.0f}B errors {row.errors}", flush=True)
-    return row
+    """One mode alone over every prompt."""
+    return (await run_interleaved([ModeRunner(backend, edge, cfg, profile, mode, k, threshold, codec, traces)], prompts))[0]
 
 
 async def run_clients(backend, edge: Edge, cfg: BenchConfig, prompts, traces: dict, setting: tuple[int, float, str] | None) -> list[dict]:
@@ -443,12 +515,12 @@ async def run_bench(cfg: BenchConfig, out: Path) -> dict:
         edge_only = await run_mode(backend, edge, cfg, prompts, "none", "edge-only", cfg.exit_layers[0], None, None)
         for profile in profiles:
             backend.set_profile(profile)
-            rows.append(await run_mode(backend, edge, cfg, prompts, profile, "cloud-only"))
-            for k, t, c in cfg.collaborative_settings():
+            runners = [ModeRunner(backend, edge, cfg, profile, "cloud-only")]
+            for k, t, c in cfg.collaborative_settings(edge.calibrated):
                 rec = traces.setdefault((k, t, c), {}) if profile == cfg.clients_profile else None
-                rows.append(await run_mode(backend, edge, cfg, prompts, profile, "collaborative", k, t, c, rec))
-            shown = bm.ModeRow(**{**asdict(edge_only), "profile": profile})
-            rows.append(shown)
+                runners.append(ModeRunner(backend, edge, cfg, profile, "collaborative", k, t, c, rec))
+            rows += await run_interleaved(runners, prompts)
+            rows.append(bm.ModeRow(**{**asdict(edge_only), "profile": profile}))
         bm.compare_to_baseline(rows)
         best = {p: bm.best_setting(rows, p) for p in profiles}
         target = best.get(cfg.clients_profile) or next(
@@ -505,6 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec-threshold", type=float, default=None)
     p.add_argument("--edge-precision", default=None, choices=["int8", "fp32", "torch"])
     p.add_argument("--cloud", default=None, choices=["serve", "inprocess"])
+    p.add_argument("--heads", default=None, choices=["auto", "none"], help="trained exit heads where present, or the final-norm baseline")
     p.add_argument("--clients", default=None, help="comma list of concurrent clients")
     p.add_argument("--clients-profile", default=None)
     p.add_argument("--requests-per-client", type=int, default=None)
@@ -520,7 +593,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     strs = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     for name, conv in (("model", str), ("prompts", int), ("max_new_tokens", int), ("profiles", strs),
                        ("exit_layers", ints), ("thresholds", floats), ("codecs", strs), ("codec_threshold", float),
-                       ("edge_precision", str), ("cloud", str), ("clients", ints), ("clients_profile", str),
+                       ("edge_precision", str), ("heads", str), ("cloud", str), ("clients", ints), ("clients_profile", str),
                        ("requests_per_client", int)):
         value = getattr(args, name)
         if value is not None:

@@ -150,6 +150,9 @@ class RequestResult:
     agree: int = 0
     exact: bool = False
     error: str | None = None
+    cloud_cpu_s: float | None = None  # measured around this request from the cloud process
+    wire_up: int | None = None  # bytes through the link emulator during this request
+    wire_down: int | None = None
     timeline: dict | None = None  # per-token sources, edge drafts, step and round-trip times (what-if model)
 
     @property
@@ -487,6 +490,10 @@ def aggregate(row: ModeRow, results: Sequence[RequestResult], wall_s: float) -> 
     row.payload_down = sum(r.payload_down for r in ok)
     row.positions_uploaded = sum(r.positions_uploaded for r in ok)
     row.round_trips = sum(r.round_trips for r in ok)
+    if ok and all(r.cloud_cpu_s is not None for r in ok):
+        row.cloud_cpu_s = sum(r.cloud_cpu_s for r in ok)
+    if ok and all(r.wire_up is not None for r in ok):
+        row.wire_up, row.wire_down = sum(r.wire_up for r in ok), sum(r.wire_down for r in ok)
     row.whatif = whatif(results)
     row.per_request = [
         {k: v for k, v in asdict(r).items() if k not in ("token_ids", "timeline")} | {"tokens": r.tokens} for r in results

@@ -27,7 +27,7 @@ ASYNC = pytest.mark.asyncio(loop_scope="session")
 def tiny_edge():
     cfg = bench.BenchConfig(model="tiny", exit_layers=[2], edge_precision="torch", cloud="inprocess",
                             prompts=2, max_new_tokens=6, thresholds=[0.0, 2.0], codecs=["int8", "fp32"],
-                            edge_step_bench=False)
+                            edge_step_bench=False, heads="none")
     return bench.Edge(cfg, model=make_tiny_llama(num_layers=4), tokenizer=object()), cfg
 
 
