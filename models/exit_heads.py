@@ -51,6 +51,8 @@ def register_head(kind: str, builder: HeadBuilder) -> None:
 def build_head(kind: str, model: PreTrainedModel, config: dict | None = None) -> nn.Module:
     """A fresh head of `kind` for `model`."""
     if kind not in _BUILDERS:
+        import offramp.models.heads  # noqa: F401  (registers the trained head kinds)
+    if kind not in _BUILDERS:
         raise ArtifactError(f"unknown exit head kind {kind!r}; known: {sorted(_BUILDERS)}")
     return _BUILDERS[kind](model, config or {})
 

@@ -1,0 +1,152 @@
+"""Trainable exit heads: position-wise modules that turn the layer-K residual stream into next-token logits.
+
+All of them end in a trainable copy of the final norm and the model's own (frozen, tied) LM head, so only a few
+million parameters are trained and saved. They are position-wise (no attention), so the edge graph needs no extra
+KV cache, and they use plain torch ops so the ONNX exporter takes them as they are.
+
+- `residual_mlp`: x + W_down(silu(W_gate n(x)) * W_up n(x)), zero-initialised so it starts as the baseline.
+- `mlp_stack`: copies of the MLP sub-blocks of layers K..K+depth-1, initialised from the model: the deep layers'
+  feed-forward path without their attention, which the distillation then adapts.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from offramp.models.exit_heads import register_head
+from offramp.shared.errors import SplitConfigError
+
+
+class RMSNorm(nn.Module):
+    """Llama RMSNorm in plain ops (exports to ONNX without custom kernels)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone().float(), requires_grad=True)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(var + self.eps))
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU feed-forward block with a pre-norm, added to the residual stream."""
+
+    def __init__(self, hidden: int, width: int, eps: float) -> None:
+        super().__init__()
+        self.norm = RMSNorm(torch.ones(hidden), eps)
+        self.gate = nn.Linear(hidden, width, bias=False)
+        self.up = nn.Linear(hidden, width, bias=False)
+        self.down = nn.Linear(width, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.norm(x)
+        return x + self.down(nn.functional.silu(self.gate(n)) * self.up(n))
+
+
+def _final_norm(model: PreTrainedModel) -> RMSNorm:
+    norm = model.model.norm
+    return RMSNorm(norm.weight, getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-5)))
+
+
+class ResidualMLPHead(nn.Module):
+    """Residual SwiGLU adapter(s) on the layer-K stream, then a tuned final norm and the frozen LM head."""
+
+    kind = "residual_mlp"
+
+    def __init__(self, model: PreTrainedModel, width: int = 1024, depth: int = 1) -> None:
+        super().__init__()
+        cfg = model.config
+        eps = getattr(cfg, "rms_norm_eps", 1e-5)
+        self.width, self.depth = int(width), int(depth)
+        self.blocks = nn.ModuleList(GatedMLP(cfg.hidden_size, self.width, eps) for _ in range(self.depth))
+        for block in self.blocks:
+            nn.init.normal_(block.gate.weight, std=cfg.hidden_size**-0.5)
+            nn.init.normal_(block.up.weight, std=cfg.hidden_size**-0.5)
+            nn.init.zeros_(block.down.weight)  # starts as the untrained baseline
+        self.norm = _final_norm(model)
+        self.lm_head = model.lm_head  # shared and frozen: not saved with the head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.features(hidden))
+
+    def features(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The normed vector the LM head reads (the distillation can match it to the final layer's)."""
+        x = hidden
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def config(self) -> dict:
+        return {"width": self.width, "depth": self.depth}
+
+
+class CopiedMLP(nn.Module):
+    """A trainable copy of one decoder layer's post-attention norm + MLP, applied residually."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        ln = layer.post_attention_layernorm
+        self.norm = RMSNorm(ln.weight, getattr(ln, "variance_epsilon", getattr(ln, "eps", 1e-5)))
+        self.mlp = copy.deepcopy(layer.mlp)
+        self.mlp.requires_grad_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+class MLPStackHead(nn.Module):
+    """The MLP sub-blocks of layers K..K+depth-1 (attention skipped), then a tuned final norm and the LM head."""
+
+    kind = "mlp_stack"
+
+    def __init__(self, model: PreTrainedModel, exit_layer: int, depth: int = 2) -> None:
+        super().__init__()
+        n = model.config.num_hidden_layers
+        if not 1 <= int(exit_layer) <= n - 1:
+            raise SplitConfigError(f"mlp_stack exit_layer {exit_layer!r} is out of range 1..{n - 1}")
+        if not 1 <= int(depth) <= n - int(exit_layer):
+            raise SplitConfigError(f"mlp_stack depth {depth!r} must be in 1..{n - int(exit_layer)} at exit layer {exit_layer}")
+        self.exit_layer, self.depth = int(exit_layer), int(depth)
+        layers = model.model.layers[self.exit_layer : self.exit_layer + self.depth]
+        self.blocks = nn.ModuleList(CopiedMLP(layer) for layer in layers)
+        self.norm = _final_norm(model)
+        self.lm_head = model.lm_head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.features(hidden))
+
+    def features(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = hidden
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def config(self) -> dict:
+        return {"exit_layer": self.exit_layer, "depth": self.depth}
+
+
+def _build_mlp_stack(model: PreTrainedModel, cfg: dict) -> MLPStackHead:
+    if "exit_layer" not in cfg:
+        raise SplitConfigError(f"mlp_stack head config {cfg!r} lacks 'exit_layer' (the layer its MLP copies start at)")
+    return MLPStackHead(model, cfg["exit_layer"], cfg.get("depth", 2))
+
+
+register_head(ResidualMLPHead.kind, lambda model, cfg: ResidualMLPHead(model, **cfg))
+register_head(MLPStackHead.kind, _build_mlp_stack)
+
+HEAD_KINDS = (ResidualMLPHead.kind, MLPStackHead.kind)
+
+
+def default_head_config(kind: str, exit_layer: int) -> dict:
+    """The configuration `train-exits` uses when none is given (chosen by the measurements in the README note)."""
+    if kind == MLPStackHead.kind:
+        return {"exit_layer": exit_layer, "depth": 2}
+    if kind == ResidualMLPHead.kind:
+        return {"width": 1024, "depth": 1}
+    return {}

@@ -1,0 +1,142 @@
+"""Teacher targets, computed once per (model, corpus) and cached: training and evaluation then never run the model.
+
+For every scored position we keep the layer-K residual stream (what an exit head reads), the full model's final
+normed hidden state (teacher logits = lm_head(final), recomputed cheaply when needed), the full model's argmax and
+its log-prob of the actual next token (exact, from fp32 logits), and which split/source the position belongs to.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from offramp.models.architecture import check_exit_layer
+from offramp.models.corpus import SPLITS, TextSequence, corpus_key
+from offramp.models.fingerprint import model_fingerprint
+from offramp.shared.paths import offramp_home
+
+TOPK = 8  # teacher top-k ids kept per position: the training vocabulary is their union
+SOURCES = ("chat", "plain", "sampled", "stdlib", "readme", "file")
+SERVING_SOURCES = ("chat", "plain")  # greedy continuations of held-out prompts: the serving case
+HUMAN_SOURCES = ("stdlib", "readme", "file")
+
+
+@dataclass
+class TeacherData:
+    """Per-position tensors over every scored position of a corpus (N positions)."""
+
+    hidden: dict[int, torch.Tensor]  # K -> [N, H] fp16, layer-K residual stream
+    final: torch.Tensor  # [N, H] fp16, full model's normed final hidden state
+    top1: torch.Tensor  # [N] int64, full model's argmax
+    topk: torch.Tensor  # [N, TOPK] int64
+    next_token: torch.Tensor  # [N] int64, the token that actually follows
+    full_logprob: torch.Tensor  # [N] fp32, full model's log-prob of next_token
+    split: torch.Tensor  # [N] int8, index into SPLITS
+    source: torch.Tensor  # [N] int8, index into SOURCES
+    seq: torch.Tensor  # [N] int32, index of the sequence
+
+    def mask(self, split: str | None = None, sources: Sequence[str] | None = None) -> torch.Tensor:
+        """Boolean [N] selecting one split and/or some sources."""
+        m = torch.ones_like(self.top1, dtype=torch.bool)
+        if split is not None:
+            m &= self.split == SPLITS.index(split)
+        if sources is not None:
+            m &= torch.isin(self.source, torch.tensor([SOURCES.index(s) for s in sources], dtype=torch.int8))
+        return m
+
+
+def scored_range(seq: TextSequence) -> range:
+    """Positions whose next token is a target: from the one predicting token score_from to the second last."""
+    return range(max(seq.score_from - 1, 0), len(seq.input_ids) - 1)
+
+
+def _cache_dir(model: PreTrainedModel, seqs: Sequence[TextSequence]) -> Path:
+    return offramp_home() / "teacher" / model_fingerprint(model)[:16] / corpus_key(seqs)
+
+
+@torch.no_grad()
+def _teacher_pass(
+    model: PreTrainedModel, seqs: Sequence[TextSequence], layers: Sequence[int], batch_tokens: int
+) -> dict[str, torch.Tensor]:
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("final", "top1", "topk", "next_token", "full_logprob", "seq")}
+    out.update({f"layer{k}": [] for k in layers})
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].input_ids))
+    batches, cur = [], []
+    for i in order:
+        if cur and (len(cur) + 1) * len(seqs[i].input_ids) > batch_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    pad = 0
+    for batch in tqdm(batches, desc="teacher pass", unit="batch"):
+        width = max(len(seqs[i].input_ids) for i in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):  # right padding: causal attention keeps real positions exact
+            n = len(seqs[i].input_ids)
+            ids[row, :n] = torch.tensor(seqs[i].input_ids)
+            mask[row, :n] = 1
+        res = model.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        states = res.hidden_states  # [0]=embeddings, [K]=after K layers, [-1]=normed final
+        for row, i in enumerate(batch):
+            pos = torch.tensor(list(scored_range(seqs[i])), dtype=torch.long)
+            if len(pos) == 0:
+                continue
+            final = states[-1][row, pos]
+            logits = model.lm_head(final).float()
+            logp = torch.log_softmax(logits, -1)
+            nxt = ids[row, pos + 1]
+            out["final"].append(final.half())
+            out["top1"].append(logits.argmax(-1))
+            out["topk"].append(logits.topk(TOPK, -1).indices)
+            out["next_token"].append(nxt)
+            out["full_logprob"].append(logp.gather(-1, nxt[:, None])[:, 0])
+            out["seq"].append(torch.full((len(pos),), i, dtype=torch.int32))
+            for k in layers:
+                out[f"layer{k}"].append(states[k][row, pos].half())
+    cat = {k: torch.cat(v) for k, v in out.items()}
+    order_back = torch.argsort(cat["seq"], stable=True)  # sequence order, independent of batching
+    return {k: v[order_back].contiguous() for k, v in cat.items()}
+
+
+def teacher_data(
+    model: PreTrainedModel, seqs: Sequence[TextSequence], layers: Sequence[int], batch_tokens: int = 2048
+) -> TeacherData:
+    """Targets for `seqs` with layer-K states for each K in `layers`; computed once, then read from the cache."""
+    for k in layers:
+        check_exit_layer(model, k)
+    cache = _cache_dir(model, seqs)
+    missing = [k for k in layers if not (cache / f"layer{k}.safetensors").is_file()]
+    if not (cache / "targets.safetensors").is_file() or missing:
+        cache.mkdir(parents=True, exist_ok=True)
+        tensors = _teacher_pass(model, seqs, sorted(set(layers)), batch_tokens)
+        for k in layers:
+            save_file({"hidden": tensors.pop(f"layer{k}")}, str(cache / f"layer{k}.safetensors"))
+        if not (cache / "targets.safetensors").is_file():
+            save_file(tensors, str(cache / "targets.safetensors"))
+            (cache / "corpus.json").write_text(json.dumps({"sequences": len(seqs), "positions": len(tensors["top1"])}))
+    targets = load_file(str(cache / "targets.safetensors"))
+    seq_idx = targets["seq"].long()
+    split = torch.tensor([SPLITS.index(s.split) for s in seqs], dtype=torch.int8)[seq_idx]
+    source = torch.tensor([SOURCES.index(s.source) for s in seqs], dtype=torch.int8)[seq_idx]
+    hidden = {k: load_file(str(cache / f"layer{k}.safetensors"))["hidden"] for k in layers}
+    return TeacherData(
+        hidden=hidden,
+        final=targets["final"],
+        top1=targets["top1"],
+        topk=targets["topk"],
+        next_token=targets["next_token"],
+        full_logprob=targets["full_logprob"],
+        split=split,
+        source=source,
+        seq=targets["seq"],
+    )
