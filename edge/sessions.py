@@ -12,6 +12,7 @@ event loop stays free. Closing a generation (or its client going away) closes it
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import threading
 import time
@@ -378,14 +379,16 @@ class EdgeService:
         return cls(model, tokenizer, config)
 
     def _new_runtime(self, first: EdgeRuntime) -> EdgeRuntime:
+        """Another runtime sharing the first one's weights (torch) or inference session (ONNX); only KV is per request."""
         from offramp.edge.assemble import build_edge_runtime
         from offramp.edge.torch_runtime import TorchEdgeRuntime
 
-        if isinstance(first, TorchEdgeRuntime):  # share the weights; only the KV cache is per request
+        if isinstance(first, TorchEdgeRuntime):
             return TorchEdgeRuntime(first.edge)
-        fork = getattr(first, "fork", None)  # an ONNX runtime may share its inference sessions
-        if callable(fork):
-            return fork()
+        if type(first).__name__ == "OnnxEdgeRuntime":  # an ORT session runs concurrent calls safely
+            clone = copy.copy(first)
+            clone.reset()  # fresh KV buffers: reset() rebinds them, so nothing is shared with `first`
+            return clone
         return build_edge_runtime(
             self.model, self.config.exit_layer, self.config.precision, self.config.model, head_dir=self.config.artifacts
         )
