@@ -129,7 +129,7 @@ def test_int8_top1_agrees_with_fp32_on_real_text(default_graphs, default_model) 
         "the network is slow. The quality of the result depends on how well the early exit agrees with the full model, "
         "which is measured on real text before a threshold is chosen for deployment on each class of device."
     )
-    ids = tokenizer(text)["input_ids"][:300]
+    ids = tokenizer(text + " " + text.lower())["input_ids"][:300]  # ~300 steps; the second pass is lower-cased
     fp32, int8 = OnnxEdgeRuntime(default_graphs["fp32"]), OnnxEdgeRuntime(default_graphs["int8"])
     fp32.run(ids[:1]), int8.run(ids[:1])
     agree, rel = [], []
@@ -139,5 +139,5 @@ def test_int8_top1_agrees_with_fp32_on_real_text(default_graphs, default_model) 
         rel.append(np.linalg.norm(a.hidden - b.hidden) / np.linalg.norm(a.hidden))
     rate = float(np.mean(agree))
     print(f"\nint8 vs fp32 over {len(agree)} steps: top-1 agreement {rate:.3f}, median hidden rel err {np.median(rel):.4f}")
-    assert len(agree) >= 100
+    assert len(agree) >= 250
     assert rate >= 0.85
