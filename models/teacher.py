@@ -108,12 +108,37 @@ def _teacher_pass(
     return {k: v[order_back].contiguous() for k, v in cat.items()}
 
 
+def _family(source: str) -> str:
+    return "selfgen" if source in ("chat", "plain", "sampled") else "human" if source in ("stdlib", "readme") else source
+
+
 def teacher_data(
     model: PreTrainedModel, seqs: Sequence[TextSequence], layers: Sequence[int], batch_tokens: int = 2048
 ) -> TeacherData:
-    """Targets for `seqs` with layer-K states for each K in `layers`; computed once, then read from the cache."""
+    """Targets for `seqs` with layer-K states for each K in `layers`; computed once, then read from the cache.
+
+    Self-generated, shipped human and user-file text are cached separately, so corpora sharing a part share its
+    (expensive) teacher pass.
+    """
     for k in layers:
         check_exit_layer(model, k)
+    families: dict[str, list[int]] = {}
+    for i, s in enumerate(seqs):
+        families.setdefault(_family(s.source), []).append(i)
+    parts = []
+    for idx in families.values():
+        part = _teacher_data_cached(model, [seqs[i] for i in idx], layers, batch_tokens)
+        part.seq = torch.tensor(idx, dtype=torch.int32)[part.seq.long()]
+        parts.append(part)
+    return TeacherData(
+        hidden={k: torch.cat([p.hidden[k] for p in parts]) for k in layers},
+        **{f: torch.cat([getattr(p, f) for p in parts]) for f in ("final", "top1", "topk", "next_token", "full_logprob", "split", "source", "seq")},
+    )
+
+
+def _teacher_data_cached(
+    model: PreTrainedModel, seqs: Sequence[TextSequence], layers: Sequence[int], batch_tokens: int
+) -> TeacherData:
     cache = _cache_dir(model, seqs)
     missing = [k for k in layers if not (cache / f"layer{k}.safetensors").is_file()]
     if not (cache / "targets.safetensors").is_file() or missing:
