@@ -44,15 +44,18 @@ class BenchConfig:
     prompts: int = 16
     max_new_tokens: int = 64
     profiles: list[str] = field(default_factory=lambda: list(PROFILE_NAMES))
-    exit_layers: list[int] = field(default_factory=lambda: [15, 20, 25])
-    thresholds: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95])
+    exit_layers: list[int] = field(default_factory=lambda: [15, 25])
+    thresholds: list[float] = field(default_factory=lambda: [0.8, 0.95, 2.0])  # 2.0 never exits: the split's ceiling
     codecs: list[str] = field(default_factory=lambda: ["int8", "fp16", "fp32"])
     codec_threshold: float | None = None  # the threshold the codec comparison runs at (default: the middle one)
-    edge_precision: str = "int8"
+    edge_precisions: list[str] = field(default_factory=lambda: ["int8", "fp32"])  # first: the sweep's; others at K0
     heads: str = "auto"  # auto: trained exit heads + calibrated rule where present; none: final-norm baseline
     cloud: str = "serve"  # serve | inprocess
+    cloud_server: str = "auto"  # auto: `offramp cloud serve` when this checkout has it, else the bench stub
     clients: list[int] = field(default_factory=lambda: [1, 4, 16, 32])
     clients_profile: str = "wan"
+    grid_profile: str = "wan"  # the full grid runs here; other profiles get cloud-only + the `followup_top` best settings
+    followup_top: int = 2  # <= 0: the full grid on every profile
     requests_per_client: int = 1
     edge_step_bench: bool = True
     out_root: Path = ROOT / "bench-results"
@@ -61,16 +64,21 @@ class BenchConfig:
     @classmethod
     def quick_config(cls) -> "BenchConfig":
         return cls(prompts=4, max_new_tokens=24, exit_layers=[20], thresholds=[0.6, 0.9], codecs=["int8", "fp16"],
-                   clients=[1, 4], quick=True)
+                   edge_precisions=["int8"], clients=[1, 4], quick=True)
 
-    def collaborative_settings(self, calibrated: dict[int, float] | None = None) -> list[tuple[int, float, str]]:
-        """(K, threshold, codec): every threshold (and K's calibrated one) at every K with the first codec; the
-        other codecs at one point."""
+    def collaborative_settings(self, calibrated: dict[int, float] | None = None) -> list[tuple[int, float, str, str]]:
+        """(K, threshold, codec, edge precision): every threshold (and K's calibrated one) at every K with the first
+        codec and precision; the other codecs at one threshold; the other precisions at every threshold of K0."""
         calibrated = calibrated or {}
-        settings = [(k, t, self.codecs[0]) for k in self.exit_layers
-                    for t in sorted(set(self.thresholds) | ({round(calibrated[k], 4)} if k in calibrated else set()))]
+
+        def thresholds(k: int) -> list[float]:
+            return sorted(set(self.thresholds) | ({round(calibrated[k], 4)} if k in calibrated else set()))
+
+        k0, c0, p0 = self.exit_layers[0], self.codecs[0], self.edge_precisions[0]
+        settings = [(k, t, c0, p0) for k in self.exit_layers for t in thresholds(k)]
         ct = self.codec_threshold if self.codec_threshold is not None else sorted(self.thresholds)[len(self.thresholds) // 2]
-        settings += [(self.exit_layers[0], ct, c) for c in self.codecs[1:]]
+        settings += [(k0, ct, c, p0) for c in self.codecs[1:]]
+        settings += [(k0, t, c0, p) for p in self.edge_precisions[1:] for t in thresholds(k0)]
         return list(dict.fromkeys(settings))
 
 
@@ -93,9 +101,9 @@ class Edge:
         self.judge = bm.AgreementJudge(self.model)
         eos = getattr(self.tokenizer, "eos_token_id", None)
         self.stop_ids = [eos] if eos is not None else []
-        self._runtimes: dict[int, object] = {}
+        self._runtimes: dict[tuple[int, str], object] = {}
         self._confidence: dict[int, object] = {}
-        self.precision_used: dict[int, str] = {}
+        self.precision_used: dict[str, str] = {}
         self.exit_rule: dict[int, str] = {}
         self.calibrated: dict[int, float] = {}  # K -> the threshold `offramp calibrate` chose
 
@@ -113,19 +121,21 @@ class Edge:
         d = default_head_dir(self._fingerprint, k)
         return d if (d / "head.json").is_file() else None
 
-    def runtime(self, k: int):
-        """The edge runtime for K: the ONNX graph at the configured precision (one intra-op thread), else PyTorch."""
-        if k not in self._runtimes:
+    def runtime(self, k: int, precision: str | None = None):
+        """The edge runtime for K: the ONNX graph at `precision` (one intra-op thread), else PyTorch."""
+        precision = precision or self.cfg.edge_precisions[0]
+        if (k, precision) not in self._runtimes:
             head_dir = self.head_dir(k)
-            precision = self.cfg.edge_precision
+            used = precision
             try:
-                self._runtimes[k] = self._build(k, precision, head_dir)
+                rt = self._build(k, precision, head_dir)
             except Exception as exc:  # e.g. ONNX export unavailable: say so, measure with PyTorch
                 print(f"[bench] edge precision {precision} at K={k} unavailable ({type(exc).__name__}: {exc}); using torch")
-                precision = "torch"
-                self._runtimes[k] = self._build(k, precision, head_dir)
-            self.precision_used[k] = precision + ("" if head_dir is None else f" + trained head {head_dir.name}")
-        return self._runtimes[k]
+                used = "torch"
+                rt = self._build(k, used, head_dir)
+            self._runtimes[(k, precision)] = rt
+            self.precision_used[f"K{k}/{precision}"] = used + ("" if head_dir is None else f" + trained head {head_dir.name}")
+        return self._runtimes[(k, precision)]
 
     def _build(self, k: int, precision: str, head_dir: Path | None):
         if precision == "torch":
@@ -208,10 +218,12 @@ class ServedBackend:
     name = "serve"
 
     def __init__(self, edge: Edge, cfg: BenchConfig, out: Path) -> None:
-        from bench_procs import CloudServer, EmulatedLink
+        from bench_procs import CloudServer, EmulatedLink, real_cloud_available
 
         self.edge, self.cfg = edge, cfg
-        self.servers = {k: CloudServer(cfg.model, k, log_path=out / f"cloud-k{k}.log") for k in cfg.exit_layers}
+        self.stub = cfg.cloud_server == "stub" or (cfg.cloud_server == "auto" and not real_cloud_available())
+        self.name = "bench stub (scripts/bench_cloud_stub.py)" if self.stub else "offramp cloud serve"
+        self.servers = {k: CloudServer(cfg.model, k, log_path=out / f"cloud-k{k}.log", stub=self.stub) for k in cfg.exit_layers}
         self.links: dict[int, EmulatedLink] = {}
         self._EmulatedLink = EmulatedLink
         self._http = None
@@ -252,6 +264,10 @@ class ServedBackend:
         return result
 
     async def open_link(self, k: int, codec: str):
+        if self.stub:
+            from bench_cloud_stub import StubCloudLink
+
+            return StubCloudLink(f"http://127.0.0.1:{self.links[k].port}", codec, self.edge.num_layers - k)
         from offramp.edge.ws_link import WebSocketCloudLink
 
         runtime = self.edge.runtime(k)
@@ -275,9 +291,11 @@ class ModeRunner:
     """
 
     def __init__(self, backend, edge: Edge, cfg: BenchConfig, profile: str, mode: str, k: int | None = None,
-                 threshold: float | None = None, codec: str | None = None, traces: dict | None = None) -> None:
+                 threshold: float | None = None, codec: str | None = None, traces: dict | None = None,
+                 precision: str | None = None) -> None:
         self.backend, self.edge, self.cfg = backend, edge, cfg
         self.profile, self.mode, self.k, self.threshold, self.codec = profile, mode, k, threshold, codec
+        self.precision = precision or (cfg.edge_precisions[0] if mode != "cloud-only" else None)
         self.traces = traces
         self.link: bm.CountingLink | None = None
         self.results: list[bm.RequestResult] = []
@@ -295,7 +313,7 @@ class ModeRunner:
         n = self.cfg.max_new_tokens
         if self.mode == "cloud-only":
             return await self.backend.cloud_only(prompt, n)
-        runtime = self.edge.runtime(self.k if self.k is not None else self.cfg.exit_layers[0])
+        runtime = self.edge.runtime(self.k if self.k is not None else self.cfg.exit_layers[0], self.precision)
         if self.link is not None:
             self.link.mark()
         result = await bm.run_collaborative(runtime, self.link, self.edge.num_layers, prompt, n,
@@ -328,7 +346,8 @@ class ModeRunner:
         return result
 
     def row(self) -> bm.ModeRow:
-        row = bm.aggregate(bm.ModeRow(self.mode, self.profile, self.k, self.threshold, self.codec), self.results, 0.0)
+        row = bm.aggregate(bm.ModeRow(self.mode, self.profile, self.k, self.threshold, self.codec, self.precision),
+                           self.results, 0.0)
         if self.mode == "edge-only":
             row.cloud_cpu_s, row.wire_up, row.wire_down = 0.0, 0, 0
         print(f"[bench] {self.profile:>8} {row.key:<22} p50 {row.latency_p50_s:6.2f}s ttft {row.ttft_p50_s:5.3f}s "
@@ -355,9 +374,10 @@ async def run_interleaved(runners: list[ModeRunner], prompts) -> list[bm.ModeRow
 
 async def run_mode(backend, edge: Edge, cfg: BenchConfig, prompts, profile: str, mode: str,
                    k: int | None = None, threshold: float | None = None, codec: str | None = None,
-                   traces: dict | None = None) -> bm.ModeRow:
+                   traces: dict | None = None, precision: str | None = None) -> bm.ModeRow:
     """One mode alone over every prompt."""
-    return (await run_interleaved([ModeRunner(backend, edge, cfg, profile, mode, k, threshold, codec, traces)], prompts))[0]
+    runner = ModeRunner(backend, edge, cfg, profile, mode, k, threshold, codec, traces, precision)
+    return (await run_interleaved([runner], prompts))[0]
 
 
 async def run_clients(backend, edge: Edge, cfg: BenchConfig, prompts, traces: dict, setting: tuple[int, float, str] | None) -> list[dict]:
@@ -408,7 +428,8 @@ async def run_clients(backend, edge: Edge, cfg: BenchConfig, prompts, traces: di
                 "wall_s": wall, "throughput_tok_s": tokens / wall if wall > 0 else 0.0,
                 "latency_p50_s": bm.percentile(lat, 50), "latency_p99_s": bm.percentile(lat, 99),
                 "cloud_cpu_s": (backend.cpu(k) - cpu0) if cpu0 is not None else None,
-                "setting": None if mode == "cloud-only" else {"exit_layer": setting[0], "threshold": setting[1], "codec": setting[2]},
+                "setting": None if mode == "cloud-only" else {"exit_layer": setting[0], "threshold": setting[1],
+                                                              "codec": setting[2], "edge_precision": setting[3]},
             }
             if wire0 is not None:
                 w = backend.wire(k)
@@ -447,9 +468,14 @@ def edge_step_microbench(cfg: BenchConfig, out: Path, edge: Edge) -> dict:
     script = ROOT / "scripts" / "bench_edge_step.py"
     if script.exists():
         target = out / "edge_step.json"
-        cmd = [sys.executable, str(script), "--json", str(target)] + (["--quick"] if cfg.quick else [])
+        from offramp.shared.paths import offramp_home
+
+        # Graphs exported under a stable directory, so only the first run pays for the exports.
+        cmd = [sys.executable, str(script), "--json", str(target), "--threads", "1", "--exit-layers",
+               *[str(k) for k in cfg.exit_layers], "--steps", "20" if cfg.quick else "100",
+               "--out", str(offramp_home() / "bench-edge-step")]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_one_thread_env(), cwd=ROOT)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=_one_thread_env(), cwd=ROOT)
             (out / "edge_step.log").write_text(proc.stdout + proc.stderr)
             if proc.returncode == 0 and target.exists():
                 return {"source": "scripts/bench_edge_step.py", **json.loads(target.read_text())}
@@ -509,23 +535,29 @@ async def run_bench(cfg: BenchConfig, out: Path) -> dict:
     clients: list[dict] = []
     backend.start()
     try:
-        for k in cfg.exit_layers:  # build (and export) every edge runtime before any timing
-            edge.runtime(k)
+        for k in cfg.exit_layers:  # exit rules (and calibrated thresholds) first: they add settings
             edge.confidence(k)
-        edge_only = await run_mode(backend, edge, cfg, prompts, "none", "edge-only", cfg.exit_layers[0], None, None)
-        for profile in profiles:
+        grid = cfg.collaborative_settings(edge.calibrated)
+        for k, _, _, p in grid:  # build (and export) every edge runtime before any timing
+            edge.runtime(k, p)
+        edge_only = await run_mode(backend, edge, cfg, prompts, "none", "edge-only", cfg.exit_layers[0])
+        order = sorted(profiles, key=lambda p: p != cfg.grid_profile)  # the grid profile first
+        for profile in order:
             backend.set_profile(profile)
+            settings = grid
+            if cfg.followup_top > 0 and profile != order[0]:
+                settings = bm.followup_settings([r for r in rows if r.profile == order[0]], cfg.followup_top)
             runners = [ModeRunner(backend, edge, cfg, profile, "cloud-only")]
-            for k, t, c in cfg.collaborative_settings(edge.calibrated):
-                rec = traces.setdefault((k, t, c), {}) if profile == cfg.clients_profile else None
-                runners.append(ModeRunner(backend, edge, cfg, profile, "collaborative", k, t, c, rec))
+            for k, t, c, p in settings:
+                rec = traces.setdefault((k, t, c, p), {}) if profile == cfg.clients_profile else None
+                runners.append(ModeRunner(backend, edge, cfg, profile, "collaborative", k, t, c, rec, p))
             rows += await run_interleaved(runners, prompts)
             rows.append(bm.ModeRow(**{**asdict(edge_only), "profile": profile}))
         bm.compare_to_baseline(rows)
         best = {p: bm.best_setting(rows, p) for p in profiles}
         target = best.get(cfg.clients_profile) or next(
             (r for r in rows if r.profile == cfg.clients_profile and r.mode == "collaborative"), None)
-        setting = (target.exit_layer, target.threshold, target.codec) if target is not None else None
+        setting = (target.exit_layer, target.threshold, target.codec, target.edge_precision) if target is not None else None
         clients = await run_clients(backend, edge, cfg, prompts, traces.get(setting, {}), setting)
         await backend.close()
     finally:
@@ -541,7 +573,7 @@ async def run_bench(cfg: BenchConfig, out: Path) -> dict:
             "model": cfg.model, "num_layers": edge.num_layers, "hidden_size": edge.hidden_size,
             "edge_precision": {str(k): v for k, v in edge.precision_used.items()},
             "exit_rule": {str(k): v for k, v in edge.exit_rule.items()},
-            "cloud": cfg.cloud, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "cloud": cfg.cloud if cfg.cloud == "inprocess" else backend.name, "cpu_count": os.cpu_count(), "platform": platform.platform(),
             "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
             "git": _git_rev(), "elapsed_s": time.perf_counter() - t_start,
             "agreement_definition": "teacher-forced: share of emitted tokens equal to the full model's greedy choice after the same prefix",
@@ -575,8 +607,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds", default=None, help="comma list")
     p.add_argument("--codecs", default=None, help="comma list; the first is used for the threshold sweep")
     p.add_argument("--codec-threshold", type=float, default=None)
-    p.add_argument("--edge-precision", default=None, choices=["int8", "fp32", "torch"])
+    p.add_argument("--edge-precisions", default=None, help="comma list of int8, fp32, torch; the first is the sweep's")
+    p.add_argument("--grid-profile", default=None, help="the profile that runs every setting (default wan)")
+    p.add_argument("--followup-top", type=int, default=None, help="settings the other profiles run (<= 0: all)")
     p.add_argument("--cloud", default=None, choices=["serve", "inprocess"])
+    p.add_argument("--cloud-server", default=None, choices=["auto", "real", "stub"])
     p.add_argument("--heads", default=None, choices=["auto", "none"], help="trained exit heads where present, or the final-norm baseline")
     p.add_argument("--clients", default=None, help="comma list of concurrent clients")
     p.add_argument("--clients-profile", default=None)
@@ -593,7 +628,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     strs = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     for name, conv in (("model", str), ("prompts", int), ("max_new_tokens", int), ("profiles", strs),
                        ("exit_layers", ints), ("thresholds", floats), ("codecs", strs), ("codec_threshold", float),
-                       ("edge_precision", str), ("heads", str), ("cloud", str), ("clients", ints), ("clients_profile", str),
+                       ("edge_precisions", strs), ("grid_profile", str), ("followup_top", int), ("heads", str), ("cloud", str), ("cloud_server", str), ("clients", ints), ("clients_profile", str),
                        ("requests_per_client", int)):
         value = getattr(args, name)
         if value is not None:
@@ -607,6 +642,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise SystemExit(f"unknown profiles {sorted(unknown)}")
     if cfg.clients_profile not in cfg.profiles:
         cfg.clients_profile = cfg.profiles[0]
+    if cfg.grid_profile not in cfg.profiles:
+        cfg.grid_profile = cfg.profiles[0]
     return cfg
 
 

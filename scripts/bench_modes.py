@@ -409,6 +409,7 @@ class ModeRow:
     exit_layer: int | None = None
     threshold: float | None = None
     codec: str | None = None
+    edge_precision: str | None = None
     requests: int = 0
     tokens: int = 0
     latency_p50_s: float = 0.0
@@ -442,7 +443,7 @@ class ModeRow:
     def key(self) -> str:
         if self.mode != "collaborative":
             return self.mode
-        return f"K{self.exit_layer}/t{self.threshold:g}/{self.codec}"
+        return f"K{self.exit_layer}/t{self.threshold:g}/{self.codec}/{self.edge_precision}"
 
     def up_bytes(self) -> int:
         return self.wire_up if self.wire_up is not None else self.payload_up
@@ -525,6 +526,14 @@ def best_setting(rows: Sequence[ModeRow], profile: str, min_agreement: float = 0
     return min(ok, key=lambda r: (r.latency_ratio, r.cloud_compute_ratio or 1.0)) if ok else None
 
 
+def followup_settings(grid_rows: Sequence[ModeRow], top: int) -> list[tuple[int, float, str, str]]:
+    """The settings the other profiles re-run: the fastest at >= 98% agreement, then the most faithful."""
+    collab = [r for r in grid_rows if r.mode == "collaborative" and r.errors == 0]
+    good = sorted((r for r in collab if r.agreement >= 0.98), key=lambda r: r.latency_p50_s)
+    rest = sorted((r for r in collab if r.agreement < 0.98), key=lambda r: (-r.agreement, r.latency_p50_s))
+    return [(r.exit_layer, r.threshold, r.codec, r.edge_precision) for r in (good + rest)[:top]]
+
+
 def summary_of(row: ModeRow | None, hidden_size: int) -> dict:
     if row is None:
         return {"threshold": None, "exit_layer": None, "codec": None, "agreement": None, "latency_ratio": None,
@@ -533,6 +542,7 @@ def summary_of(row: ModeRow | None, hidden_size: int) -> dict:
         "threshold": row.threshold,
         "exit_layer": row.exit_layer,
         "codec": row.codec,
+        "edge_precision": row.edge_precision,
         "agreement": row.agreement,
         "exact_match": row.exact_match,
         "latency_ratio": row.latency_ratio,

@@ -27,7 +27,7 @@ def _pct(value) -> str:
 
 
 def mode_table(rows: list[dict]) -> list[str]:
-    head = ("| mode | K | thr | codec | latency p50 / p90 (s) | TTFT p50 / p90 (s) | tok/s | latency × cloud-only"
+    head = ("| mode | K | thr | codec | edge | latency p50 / p90 (s) | TTFT p50 / p90 (s) | tok/s | latency × cloud-only"
             " | cloud layer-tokens × | cloud CPU s (×) | up B/tok | down B/tok | up B/position | exit rate | agreement | exact | errors"
             " | draft ok @esc | speculative est. × |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
@@ -35,7 +35,7 @@ def mode_table(rows: list[dict]) -> list[str]:
         w = r.get("whatif") or {}
         cpu = "–" if r.get("cloud_cpu_s") is None else f"{r['cloud_cpu_s']:.1f} ({_f(r.get('cloud_cpu_ratio'))})"
         lines.append(
-            f"| {r['mode']} | {_f(r['exit_layer'], '{}')} | {_f(r['threshold'], '{:g}')} | {r['codec'] or '–'}"
+            f"| {r['mode']} | {_f(r['exit_layer'], '{}')} | {_f(r['threshold'], '{:g}')} | {r['codec'] or '–'} | {r.get('edge_precision') or '–'}"
             f" | {r['latency_p50_s']:.2f} / {r['latency_p90_s']:.2f} | {r['ttft_p50_s']:.3f} / {r['ttft_p90_s']:.3f}"
             f" | {r['tokens_per_s']:.1f} | {_f(r.get('latency_ratio'))} | {_f(r.get('cloud_compute_ratio'))} | {cpu}"
             f" | {r['bytes_up_per_token']:.0f} | {r['bytes_down_per_token']:.0f} | {_f(r.get('bytes_up_per_position'), '{:.0f}')}"
@@ -46,15 +46,15 @@ def mode_table(rows: list[dict]) -> list[str]:
 
 
 def summary_table(results: dict) -> list[str]:
-    lines = ["| profile | K | thr | codec | agreement | latency × | cloud layer-tokens × | cloud CPU × | up B/token | up B/position (hidden size) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| profile | K | thr | codec | edge | agreement | latency × | cloud layer-tokens × | cloud CPU × | up B/token | up B/position (hidden size) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in profiles_of(results):
         s = results[p]["summary"]
         if s.get("exit_layer") is None:
-            lines.append(f"| {p} | – | – | – | – | – | – | – | – | {s.get('note', '')} |")
+            lines.append(f"| {p} | – | – | – | – | – | – | – | – | – | {s.get('note', '')} |")
             continue
         lines.append(
-            f"| {p} | {s['exit_layer']} | {s['threshold']:g} | {s['codec']} | {_pct(s['agreement'])} | {_f(s['latency_ratio'])}"
+            f"| {p} | {s['exit_layer']} | {s['threshold']:g} | {s['codec']} | {s.get('edge_precision')} | {_pct(s['agreement'])} | {_f(s['latency_ratio'])}"
             f" | {_f(s['cloud_compute_ratio'])} | {_f(s.get('cloud_cpu_ratio'))} | {_f(s['bytes_up_per_token'], '{:.0f}')}"
             f" | {_f(s.get('bytes_up_per_position'), '{:.0f}')} ({s.get('hidden_size')}) |"
         )
@@ -94,7 +94,7 @@ def write_report(results: dict, out: Path) -> None:
         f"Command: `{meta['command']}` (git {meta['git']}, {meta['elapsed_s']:.0f} s).",
         f"Model {meta['model']} ({meta['num_layers']} layers, hidden size {meta['hidden_size']}); "
         f"{len(meta['prompts'])} prompts ({meta['prompt_origin']}), {cfg['max_new_tokens']} new tokens, greedy.",
-        f"Edge runtime per K: {meta['edge_precision']}; exit rule: {meta['exit_rule']}.",
+        f"Cloud: {meta['cloud']}. Edge runtime per K: {meta['edge_precision']}; exit rule: {meta['exit_rule']}.",
         f"**Cloud and edge share this machine's {meta['cpu_count']} CPU cores** (one intra-op thread per process, "
         f"for every mode); other work on the machine: load average {meta['loadavg_start'][0]:.1f} at start, "
         f"{meta['loadavg_end'][0]:.1f} at the end. Links emulated in user space (shared/link_emulator.py).",

@@ -25,7 +25,7 @@ ASYNC = pytest.mark.asyncio(loop_scope="session")
 
 @pytest.fixture(scope="module")
 def tiny_edge():
-    cfg = bench.BenchConfig(model="tiny", exit_layers=[2], edge_precision="torch", cloud="inprocess",
+    cfg = bench.BenchConfig(model="tiny", exit_layers=[2], edge_precisions=["torch"], cloud="inprocess",
                             prompts=2, max_new_tokens=6, thresholds=[0.0, 2.0], codecs=["int8", "fp32"],
                             edge_step_bench=False, heads="none")
     return bench.Edge(cfg, model=make_tiny_llama(num_layers=4), tokenizer=object()), cfg
@@ -59,7 +59,7 @@ async def test_modes_in_process_agree_where_they_must(tiny_edge) -> None:
 
 def _row(key: tuple, agreement: float, latency: float, layer_tokens: int, profile: str = "wan") -> bm.ModeRow:
     k, t, c = key
-    row = bm.ModeRow("collaborative", profile, k, t, c, requests=1, tokens=10, agreement=agreement,
+    row = bm.ModeRow("collaborative", profile, k, t, c, "int8", requests=1, tokens=10, agreement=agreement,
                      latency_p50_s=latency, cloud_layer_tokens=layer_tokens, wire_up=5800, positions_uploaded=10)
     return row
 
@@ -82,10 +82,18 @@ def test_summary_is_the_fastest_setting_at_98_percent_agreement() -> None:
 
 
 def test_settings_sweep_thresholds_per_k_and_codecs_at_one_point() -> None:
-    cfg = bench.BenchConfig(exit_layers=[15, 20], thresholds=[0.5, 0.8, 0.9], codecs=["int8", "fp16", "fp32"])
-    settings = cfg.collaborative_settings()
-    assert (15, 0.8, "fp16") in settings and (15, 0.8, "fp32") in settings and (20, 0.9, "int8") in settings
-    assert len(settings) == len(set(settings)) == 2 * 3 + 2
+    cfg = bench.BenchConfig(exit_layers=[15, 20], thresholds=[0.5, 0.8, 0.9], codecs=["int8", "fp16", "fp32"],
+                            edge_precisions=["int8", "fp32"])
+    settings = cfg.collaborative_settings({20: 0.87})
+    assert (15, 0.8, "fp16", "int8") in settings and (15, 0.8, "fp32", "int8") in settings
+    assert (20, 0.87, "int8", "int8") in settings and (15, 0.5, "int8", "fp32") in settings
+    assert len(settings) == len(set(settings)) == 3 + 4 + 2 + 3
+
+
+def test_followup_profiles_rerun_the_fastest_faithful_settings() -> None:
+    rows = [_row((15, 0.5, "int8"), 0.90, 0.8, 200), _row((20, 0.8, "int8"), 0.985, 1.2, 150),
+            _row((20, 0.95, "int8"), 0.999, 1.0, 300), _row((25, 0.9, "int8"), 0.95, 0.9, 100)]
+    assert bm.followup_settings(rows, 3) == [(20, 0.95, "int8", "int8"), (20, 0.8, "int8", "int8"), (25, 0.9, "int8", "int8")]
 
 
 def test_quick_is_small() -> None:
@@ -103,7 +111,7 @@ async def test_report_from_results(tiny_edge, tmp_path: Path) -> None:
     results = {
         "meta": {"created": "now", "command": "scripts/bench", "git": "x", "elapsed_s": 1.0, "config": {"max_new_tokens": 6, "clients_profile": "inprocess"},
                  "model": "tiny", "num_layers": 4, "hidden_size": 64, "prompts": [{}, {}], "prompt_origin": "test",
-                 "edge_precision": {}, "exit_rule": {}, "cpu_count": 2, "loadavg_start": [0.0], "loadavg_end": [0.0],
+                 "edge_precision": {}, "exit_rule": {}, "cloud": "inprocess", "cpu_count": 2, "loadavg_start": [0.0], "loadavg_end": [0.0],
                  "agreement_definition": "teacher-forced"},
         "clients": [{"mode": "cloud-only", "clients": 1, "requests": 1, "throughput_tok_s": 5.0, "latency_p50_s": 1.0,
                      "latency_p99_s": 1.0, "cloud_cpu_s": None, "errors": 0}],
@@ -113,7 +121,7 @@ async def test_report_from_results(tiny_edge, tmp_path: Path) -> None:
     json.dumps(results)  # serialisable as written
     bench_report.write_report(results, tmp_path)
     report = (tmp_path / "report.md").read_text()
-    assert "| inprocess | 2 | 2 | fp32 | 100.0% |" in report
+    assert "| inprocess | 2 | 2 | fp32 | torch | 100.0% |" in report
     assert (tmp_path / "pareto.png").stat().st_size > 1000 and (tmp_path / "scaling.png").exists()
 
 
