@@ -79,11 +79,11 @@ def add_train_exits(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train-exits", help="distil an exit head at layer K from the full model (base frozen)")
     _add_exit_common(p)
     p.add_argument("--out", type=Path, default=None, help="head dir (default: artifacts cache for this model and K)")
-    p.add_argument("--kind", default="mlp_stack", help="head kind: mlp_stack (default) or residual_mlp")
+    p.add_argument("--kind", default="residual_mlp", help="head kind: residual_mlp (default) or mlp_stack")
     p.add_argument("--depth", type=int, default=None, help="blocks in the head (default per kind)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 2000, --quick 40)")
     p.add_argument("--batch-tokens", type=int, default=None, help="positions per step (default 1024, --quick 256)")
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the feature cosine loss")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-budget", type=float, default=18.0, help="minutes per K; stops early and saves (0: none)")
@@ -206,8 +206,10 @@ def _print_eval(res: dict) -> None:
               f"ppl full {sw['full_ppl']:.2f} edge {sw['edge_ppl']:.2f}")
         print(f"    at calibrated threshold: exit rate {c['exit_rate']:.3f}, agreement {c['agreement']:.4f}, "
               f"ppl {c['ppl']:.2f}")
-        for o in sw["oracle_on_test"]:
-            print(f"    best exit rate at agreement >= {o['target']}: {o['exit_rate']:.3f}")
+        for i, o in enumerate(sw["oracle_on_test"]):
+            mp = sw.get("oracle_on_test_max_prob")
+            extra = f" (max-prob rule: {mp[i]['exit_rate']:.3f})" if mp else ""
+            print(f"    best exit rate at agreement >= {o['target']} (threshold set on test): {o['exit_rate']:.3f}{extra}")
     for name, fr in res.get("free_running", {}).items():
         print(f"  free-running {name} ({fr['prompts']} prompts): common prefix {fr['common_prefix_fraction']:.3f}, "
               f"exact {fr['exact_match_fraction']:.3f}, edge fraction {fr['edge_fraction']:.3f}")

@@ -296,6 +296,8 @@ def evaluate_layer(
         sw = sweep(stats, rule, [rule.threshold])
         sw["at_calibrated"] = point(stats, rule.from_features(stats.features), rule.threshold)
         sw["oracle_on_test"] = [best_exit_rate_at(stats, rule, t) for t in targets]
+        if rule.kind != "max_prob":  # what the trained router buys over raw max-prob
+            sw["oracle_on_test_max_prob"] = [best_exit_rate_at(stats, ExitRule(kind="max_prob"), t) for t in targets]
         result[name] = sw
     main = result.get("serving") or result.get("human")
     result["points"] = [{k: p[k] for k in ("threshold", "exit_rate", "agreement", "ppl")} for p in main["points"]] if main else []

@@ -7,6 +7,11 @@ KV cache, and they use plain torch ops so the ONNX exporter takes them as they a
 - `residual_mlp`: x + W_down(silu(W_gate n(x)) * W_up n(x)), zero-initialised so it starts as the baseline.
 - `mlp_stack`: copies of the MLP sub-blocks of layers K..K+depth-1, initialised from the model: the deep layers'
   feed-forward path without their attention, which the distillation then adapts.
+
+Chosen by measurement (SmolLM2-135M, K=10, 150 steps, calib-split top-1 agreement with the full model):
+human text, 512 positions/step: baseline 6.8%, residual_mlp 1024x1 27.8%, mlp_stack depth 2 21.3%, depth 4 20.8%
+(copying the MLPs without their attention starts further from the teacher than the baseline does). Serving text,
+1024 positions/step: baseline 5.2%, residual_mlp 1024x1 27.6%, 2048x2 30.5% -> the default is residual_mlp 2048x2.
 """
 
 from __future__ import annotations
@@ -137,16 +142,23 @@ def _build_mlp_stack(model: PreTrainedModel, cfg: dict) -> MLPStackHead:
     return MLPStackHead(model, cfg["exit_layer"], cfg.get("depth", 2))
 
 
-register_head(ResidualMLPHead.kind, lambda model, cfg: ResidualMLPHead(model, **cfg))
+def _build_residual_mlp(model: PreTrainedModel, cfg: dict) -> ResidualMLPHead:
+    unknown = set(cfg) - {"width", "depth"}
+    if unknown:
+        raise SplitConfigError(f"residual_mlp head config has unknown keys {sorted(unknown)} (known: depth, width)")
+    return ResidualMLPHead(model, **cfg)
+
+
+register_head(ResidualMLPHead.kind, _build_residual_mlp)
 register_head(MLPStackHead.kind, _build_mlp_stack)
 
 HEAD_KINDS = (ResidualMLPHead.kind, MLPStackHead.kind)
 
 
 def default_head_config(kind: str, exit_layer: int) -> dict:
-    """The configuration `train-exits` uses when none is given (chosen by the measurements in the README note)."""
+    """The configuration `train-exits` uses when none is given (see the measurements in the module docstring)."""
     if kind == MLPStackHead.kind:
         return {"exit_layer": exit_layer, "depth": 2}
     if kind == ResidualMLPHead.kind:
-        return {"width": 1024, "depth": 1}
+        return {"width": 2048, "depth": 2}
     return {}

@@ -36,11 +36,11 @@ class TrainConfig:
     """Everything that determines a training run (a resumed run must match it)."""
 
     exit_layer: int
-    kind: str = "mlp_stack"
+    kind: str = "residual_mlp"
     head_config: dict = field(default_factory=dict)
     steps: int = 2000
     batch_tokens: int = 1024
-    lr: float = 5e-4
+    lr: float = 1e-3
     warmup: int = 50
     weight_decay: float = 0.01
     hidden_weight: float = 0.0
