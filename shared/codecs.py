@@ -87,10 +87,62 @@ class Int8AbsmaxCodec:
         return q.astype(np.float32) * scale[:, None]
 
 
+@dataclass(frozen=True)
+class Int8OutlierCodec:
+    """int8 absmax, but each token's `k` largest-magnitude channels travel exactly (uint16 index + fp16 value).
+
+    Llama-family hidden states carry a few huge channels (here max/median |h| is ~60x per token), so plain absmax
+    leaves the other channels a handful of levels: measured on the default model, 7-11% of the cloud's tokens
+    change. Taking the outliers out first restores fine steps for the rest at H + 4 + 4k bytes a token.
+    """
+
+    name: str = "int8o"
+    k: int = 4
+
+    def nbytes(self, rows: int, width: int) -> int:
+        return rows * (width + 4 + 4 * self.k)
+
+    def encode(self, hidden: np.ndarray) -> bytes:
+        hidden = _check_matrix(hidden)
+        k = min(self.k, hidden.shape[1])
+        idx = np.argpartition(-np.abs(hidden), k - 1, axis=1)[:, :k].astype(np.uint16)
+        rows = np.arange(hidden.shape[0])[:, None]
+        values = hidden[rows, idx].astype(np.float16)
+        rest = hidden.copy()
+        rest[rows, idx] = 0.0
+        scale = np.abs(rest).max(axis=1) / 127.0
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        q = np.clip(np.rint(rest / scale[:, None]), -127, 127).astype(np.int8)
+        pad = self.k - k  # narrower than k channels: repeat the first outlier, harmless on decode
+        if pad:
+            idx = np.concatenate([idx, np.repeat(idx[:, :1], pad, axis=1)], axis=1)
+            values = np.concatenate([values, np.repeat(values[:, :1], pad, axis=1)], axis=1)
+        return scale.tobytes() + q.tobytes() + idx.astype("<u2").tobytes() + values.astype("<f2").tobytes()
+
+    def decode(self, payload: bytes, rows: int, width: int) -> np.ndarray:
+        _check_size(payload, self.nbytes(rows, width), self.name, rows, width)
+        scale = np.frombuffer(payload, dtype=np.float32, count=rows)
+        if not np.isfinite(scale).all():
+            raise CodecError(f"{self.name}: scales contain NaN or inf")
+        offset = 4 * rows
+        q = np.frombuffer(payload, dtype=np.int8, count=rows * width, offset=offset).reshape(rows, width)
+        offset += rows * width
+        idx = np.frombuffer(payload, dtype="<u2", count=rows * self.k, offset=offset).reshape(rows, self.k)
+        values = np.frombuffer(payload, dtype="<f2", count=rows * self.k, offset=offset + 2 * rows * self.k)
+        if rows and int(idx.max()) >= width:
+            raise CodecError(f"{self.name}: outlier channel index {int(idx.max())} outside width {width}")
+        out = q.astype(np.float32) * scale[:, None]
+        out[np.arange(rows)[:, None], idx] = values.reshape(rows, self.k).astype(np.float32)
+        if not np.isfinite(out).all():
+            raise CodecError(f"{self.name}: decoded hidden states contain NaN or inf")
+        return out
+
+
 CODECS: dict[str, HiddenCodec] = {
     "fp32": FloatCodec("fp32", "<f4"),
     "fp16": FloatCodec("fp16", "<f2"),
     "int8": Int8AbsmaxCodec(),
+    "int8o": Int8OutlierCodec(),
 }
 
 
