@@ -46,7 +46,7 @@ class BenchConfig:
     profiles: list[str] = field(default_factory=lambda: list(PROFILE_NAMES))
     exit_layers: list[int] = field(default_factory=lambda: [15, 25])
     thresholds: list[float] = field(default_factory=lambda: [0.8, 0.95, 2.0])  # 2.0 never exits: the split's ceiling
-    codecs: list[str] = field(default_factory=lambda: ["int8", "fp16", "fp32"])
+    codecs: list[str] = field(default_factory=lambda: ["int8o", "int8", "fp16", "fp32"])  # int8o: see shared/codecs.py
     codec_threshold: float | None = None  # the threshold the codec comparison runs at (default: the middle one)
     edge_precisions: list[str] = field(default_factory=lambda: ["int8", "fp32"])  # first: the sweep's; others at K0
     heads: str = "auto"  # auto: trained exit heads + calibrated rule where present; none: final-norm baseline
@@ -63,7 +63,7 @@ class BenchConfig:
 
     @classmethod
     def quick_config(cls) -> "BenchConfig":
-        return cls(prompts=4, max_new_tokens=24, exit_layers=[20], thresholds=[0.6, 0.9], codecs=["int8", "fp16"],
+        return cls(prompts=4, max_new_tokens=24, exit_layers=[20], thresholds=[0.6, 0.9], codecs=["int8o", "fp16"],
                    edge_precisions=["int8"], clients=[1, 4], quick=True)
 
     def collaborative_settings(self, calibrated: dict[int, float] | None = None) -> list[tuple[int, float, str, str]]:
@@ -363,9 +363,10 @@ async def run_interleaved(runners: list[ModeRunner], prompts) -> list[bm.ModeRow
     try:
         for r in runners:
             await r.run(prompts[0], measure=False)
-        for prompt in prompts:
+        for i, prompt in enumerate(prompts, 1):
             for r in runners:
                 await r.run(prompt)
+            print(f"[bench]   {runners[0].profile}: prompt {i}/{len(prompts)} done in every mode", flush=True)
     finally:
         for r in runners:
             await r.close()
