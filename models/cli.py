@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from offramp.models.export import PRECISIONS
@@ -191,7 +192,8 @@ def run_eval(args: argparse.Namespace) -> int:
         else:
             _print_eval(res)
     if args.plot:
-        print(f"plot: {pareto_plot(curves, args.plot, 'held-out serving text (teacher-forced)')}")
+        path = pareto_plot(curves, args.plot, "held-out serving text (teacher-forced)")
+        print(f"plot: {path}", file=sys.stderr if args.json else sys.stdout)  # --json keeps stdout pure JSON
     return 0
 
 
