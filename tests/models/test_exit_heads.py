@@ -78,7 +78,9 @@ def test_training_lowers_distillation_loss_and_resumes(kind, home):
     data = teacher_data(model, synthetic_sequences(), [2])
     calib = data.mask("calib")
     vocab_w = model.lm_head.weight[training_vocab(data, data.mask("train"))]
-    cfg = TrainConfig(exit_layer=2, kind=kind, steps=30, batch_tokens=128, lr=3e-3, warmup=3, checkpoint_every=10)
+    head_config = {"width": 64, "depth": 1} if kind == "residual_mlp" else {"exit_layer": 2, "depth": 1}
+    cfg = TrainConfig(exit_layer=2, kind=kind, head_config=head_config, steps=30, batch_tokens=128, lr=2e-3, warmup=3,
+                      checkpoint_every=10)
 
     def calib_loss(head):
         with torch.no_grad():
