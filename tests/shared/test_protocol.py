@@ -1,0 +1,101 @@
+"""The wire protocol: every frame round-trips, and anything else fails as ProtocolError with a code, never worse."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from offramp.shared import protocol as p
+
+EXAMPLES = [
+    p.Hello(1, "ab" * 32, 15, 576, "edge"),
+    p.Welcome(1, "offramp 0.1", 15, 8192, ["fp16", "fp32"], 1 << 20),
+    p.Open(1, "s", "fp16"),
+    p.Opened(1, "s", 0),
+    p.Close(2, "s"),
+    p.Closed(2, "s"),
+    p.Upload(3, "s", 0, 2, b"\x00" * 8),
+    p.Escalate(4, "s", 2, 1, b"\x00" * 4, 0.7, 0.9, 0.25),
+    p.Result(4, "s", 2, [5], [-0.5], 5, 3),
+    p.Result(3, "s", 0, [1, 2], [-0.1, -0.2], None, 2),
+    p.Evicted(5, "s", 0, "memory budget"),
+    p.Error(0, "bad_frame", "what went wrong"),
+]
+
+
+@pytest.mark.parametrize("frame", EXAMPLES, ids=lambda f: f.type)
+def test_every_frame_round_trips(frame) -> None:
+    assert p.decode_frame(p.encode_frame(frame)) == frame
+
+
+@pytest.mark.parametrize(
+    "raw, words",
+    [
+        ({"type": "open", "id": 1, "session": 5, "codec": "fp16"}, "'session' must be str"),
+        ({"type": "open", "id": -1, "session": "s", "codec": "fp16"}, "must be in 0.."),
+        ({"type": "open", "id": True, "session": "s", "codec": "fp16"}, "'id' must be int"),
+        ({"type": "open", "id": 1, "session": "", "codec": "fp16"}, "1..128 characters"),
+        ({"type": "open", "id": 1, "session": "s" * 129, "codec": "fp16"}, "1..128 characters"),
+        ({"type": "open", "id": 1, "session": "s"}, "missing fields ['codec']"),
+        ({"type": "open", "id": 1, "session": "s", "codec": "fp16", "extra": 1}, "unknown fields ['extra']"),
+        ({"type": "nope"}, "unknown frame type"),
+        ({"id": 1}, "unknown frame type None"),
+        ({"type": "escalate", "id": 1, "session": "s", "start": 0, "rows": 0, "payload": b""}, "rows must be >= 1"),
+        ({"type": "escalate", "id": 1, "session": "s", "start": 0, "rows": 1, "payload": b"", "u": 1.0}, "u must be in"),
+        ({"type": "escalate", "id": 1, "session": "s", "start": 0, "rows": 1, "payload": b"", "temperature": float("nan")}, "'temperature' must be float"),
+        ({"type": "escalate", "id": 1, "session": "s", "start": 0, "rows": 1, "payload": b"", "top_p": 0.0}, "top_p must be in"),
+        ({"type": "upload", "id": 1, "session": "s", "start": 0, "rows": 1, "payload": "text"}, "'payload' must be bytes"),
+        ({"type": "result", "id": 1, "session": "s", "start": 0, "predicted": [1, "x"], "logprobs": [], "token": None, "length": 1}, "'predicted'"),
+    ],
+)
+def test_bad_frames_name_the_bad_part(raw, words) -> None:
+    with pytest.raises(p.ProtocolError, match=None) as err:
+        p.decode_frame(msgpack.packb(raw))
+    assert words in str(err.value) and err.value.code == p.BAD_FRAME
+
+
+def test_not_msgpack_or_not_a_map_or_too_big() -> None:
+    for data in (b"", b"\xc1", msgpack.packb([1, 2]), msgpack.packb("hello"), msgpack.packb({1: 2})):
+        with pytest.raises(p.ProtocolError):
+            p.decode_frame(data)
+    with pytest.raises(p.ProtocolError) as err:
+        p.decode_frame(p.encode_frame(p.Upload(1, "s", 0, 1, b"x" * 2000)), max_bytes=1000)
+    assert err.value.code == p.FRAME_TOO_LARGE
+    with pytest.raises(p.ProtocolError):
+        p.decode_frame("text")  # type: ignore[arg-type]
+
+
+def test_encode_validates_too() -> None:
+    with pytest.raises(p.ProtocolError):
+        p.encode_frame(p.Escalate(1, "s", 0, 0, b""))
+
+
+values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20) | st.binary(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(kind=st.sampled_from(sorted(p.FRAME_TYPES)), fields=st.dictionaries(st.sampled_from(
+    ["id", "session", "start", "rows", "payload", "codec", "token", "u", "top_p", "temperature", "version", "fingerprint",
+     "exit_layer", "hidden_size", "predicted", "logprobs", "length", "have", "code", "message", "junk"]), values, max_size=8))
+def test_fuzzed_frames_decode_or_fail_as_protocol_error(kind, fields) -> None:
+    try:
+        frame = p.decode_frame(msgpack.packb({"type": kind, **fields}))
+    except p.ProtocolError as exc:
+        assert exc.code and str(exc)
+    else:
+        assert p.decode_frame(p.encode_frame(frame)) == frame
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_random_bytes_never_escape_as_another_exception(data) -> None:
+    try:
+        p.decode_frame(data)
+    except p.ProtocolError:
+        pass
