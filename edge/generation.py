@@ -23,6 +23,7 @@ from offramp.edge.runtime import EdgeRuntime, EdgeStep
 from offramp.shared.sampling import SamplingParams, pick_token, softmax
 
 EDGE, CLOUD, FALLBACK = "edge", "cloud", "edge-fallback"
+CATCH_UP_MODES = ("lazy", "eager")
 
 Confidence = Callable[[np.ndarray, np.ndarray], float]
 
@@ -65,6 +66,11 @@ class DecodeOptions:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     seed: int | None = None
     stop_ids: Sequence[int] = ()
+    catch_up: str = "lazy"  # lazy: exited tokens' states go up with the next escalation; eager: right away, in the background
+
+    def __post_init__(self) -> None:
+        if self.catch_up not in CATCH_UP_MODES:
+            raise ValueError(f"catch_up must be one of {CATCH_UP_MODES}, got {self.catch_up!r}")
 
 
 class CollaborativeDecoder:
@@ -84,6 +90,7 @@ class CollaborativeDecoder:
         self.confidence = confidence
         self.executor = executor  # where edge steps run; None = inline (a server passes a pool so its loop stays free)
         self.stats = GenerationStats()
+        self._uploads: list[asyncio.Task] = []
 
     @property
     def mode(self) -> str:
@@ -133,6 +140,8 @@ class CollaborativeDecoder:
                     stats.ttft_s = time.perf_counter() - started
                 if source != CLOUD:
                     emitted[position] = token
+                if source == EDGE and options.catch_up == "eager" and link_up and synced < len(hidden_log):
+                    synced = await self._upload_in_background(session, hidden_log, synced, emitted)
                 yield TokenEvent(token, source, position)
                 if token in options.stop_ids or self.runtime.length >= self.runtime.max_positions:
                     break
@@ -140,6 +149,9 @@ class CollaborativeDecoder:
                     step = await self._run([token])
                     hidden_log.append(step.hidden[-1])
         finally:
+            if self._uploads:
+                await asyncio.gather(*self._uploads, return_exceptions=True)
+                self._uploads.clear()
             if self.link is not None and link_up:
                 try:
                     await self.link.close_session(session)
@@ -176,13 +188,35 @@ class CollaborativeDecoder:
                 synced = exc.have
                 continue
             self.stats.cloud_layer_tokens += len(chunk) * self.link.deep_layers
-            self._check_agreement(result.start, result.predicted, emitted)
+            self._check_agreement(result.start, result.predicted[:-1], emitted)  # the last one is the escalated token
             return int(result.token), result.length
         raise CloudUnavailableError(f"session {session}: the cloud kept losing its context")
 
+    async def _upload_in_background(self, session: str, hidden_log: list[np.ndarray], synced: int, emitted: dict[int, int]) -> int:
+        """Eager catch-up: send the states the cloud lacks now, without waiting for the answer.
+
+        The link keeps a session's frames in order, so the next escalation may assume they arrived; if one was
+        lost, the cloud answers that escalation with what it holds and the loop re-uploads from there.
+        """
+        assert self.link is not None
+        chunk = np.stack(hidden_log[synced:])
+        task = asyncio.ensure_future(self._upload(session, synced, chunk, emitted))
+        self._uploads = [t for t in self._uploads if not t.done()] + [task]
+        await asyncio.sleep(0)  # let the upload's frame go out before anything later in this session
+        return synced + len(chunk)
+
+    async def _upload(self, session: str, start: int, chunk: np.ndarray, emitted: dict[int, int]) -> None:
+        assert self.link is not None
+        try:
+            result = await self.link.extend(session, start, chunk, False, SamplingParams(), 0.0)
+        except (CloudUnavailableError, ContextMismatchError):
+            return  # the next escalation learns what the cloud holds and re-uploads
+        self.stats.cloud_layer_tokens += len(chunk) * self.link.deep_layers
+        self._check_agreement(result.start, result.predicted, emitted)
+
     def _check_agreement(self, start: int, predicted: list[int], emitted: dict[int, int]) -> None:
         """The catch-up pass predicts every exited position's next token: count how often the edge agreed."""
-        for offset, token in enumerate(predicted[:-1]):
+        for offset, token in enumerate(predicted):
             edge_token = emitted.get(start + offset + 1)
             if edge_token is not None:
                 self.stats.checked_exits += 1

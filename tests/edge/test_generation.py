@@ -157,3 +157,23 @@ async def test_empty_prompt_is_refused(model) -> None:
     decoder = CollaborativeDecoder(TorchEdgeRuntime(EdgePart(model, K)), None, 4)
     with pytest.raises(ValueError, match="at least one token"):
         await run(decoder, DecodeOptions(), prompt=[])
+
+
+async def test_eager_catch_up_gives_the_lazy_tokens_and_checks_every_exit(model) -> None:
+    """Eager uploads go out as tokens exit; escalations then carry one position and the tokens do not change."""
+    results = {}
+    for mode in ("lazy", "eager"):
+        flips = iter([1.0, 1.0, 0.0] * 50)
+        link = build_local_link(model, K, "fp32")
+        decoder = CollaborativeDecoder(TorchEdgeRuntime(EdgePart(model, K)), link, 4, confidence=lambda lg, h: next(flips))
+        results[mode] = (*(await run(decoder, DecodeOptions(max_new_tokens=15, threshold=0.5, catch_up=mode))), decoder.stats, link.stats)
+    lazy, eager = results["lazy"], results["eager"]
+    assert eager[0] == lazy[0] and eager[1] == lazy[1] == [EDGE, EDGE, CLOUD] * 5
+    assert eager[2].checked_exits == lazy[2].checked_exits == 10
+    assert eager[2].cloud_layer_tokens == lazy[2].cloud_layer_tokens  # the same positions, sent at other times
+    assert eager[3].round_trips > lazy[3].round_trips
+
+
+def test_unknown_catch_up_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="catch_up"):
+        DecodeOptions(catch_up="sometimes")
