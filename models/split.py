@@ -50,12 +50,17 @@ class EdgePart(nn.Module):
 
 
 class CloudPart(nn.Module):
-    """Decoder layers K..N-1, the final norm and the LM head."""
+    """Decoder layers K..N-1, the final norm and the LM head.
 
-    def __init__(self, model: PreTrainedModel, exit_layer: int) -> None:
+    `CloudPart(model, 0, whole_model=True)` is every layer: the cloud-only baseline then runs through the same
+    engine and batcher as collaborative sessions, so the two are served alike.
+    """
+
+    def __init__(self, model: PreTrainedModel, exit_layer: int, whole_model: bool = False) -> None:
         super().__init__()
         check_supported(model)
-        check_exit_layer(model, exit_layer)
+        if not (whole_model and exit_layer == 0):
+            check_exit_layer(model, exit_layer)
         self.exit_layer = exit_layer
         self.geometry = Geometry.of(model)
         self.layers = nn.ModuleList(model.model.layers[exit_layer:])

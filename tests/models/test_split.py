@@ -52,6 +52,19 @@ def test_composition_matches_full_forward_on_tiny_model(exit_layer: int) -> None
     assert torch.allclose(logits, expected, atol=1e-5), (logits - expected).abs().max()
 
 
+def test_whole_model_cloud_part_is_the_full_model() -> None:
+    """The cloud-only baseline runs every layer through the same CloudPart code."""
+    model = make_tiny_llama(num_layers=4, seed=5)
+    ids = torch.randint(0, 128, (1, 17))
+    whole = CloudPart(model, 0, whole_model=True)
+    with torch.inference_mode():
+        logits, present = whole(model.model.embed_tokens(ids), torch.arange(17)[None])
+        expected = model(ids).logits
+    assert torch.allclose(logits, expected, atol=1e-5) and len(present) == 4
+    with pytest.raises(SplitConfigError):
+        CloudPart(model, 0)
+
+
 @pytest.mark.parametrize("exit_layer", [1, 3])
 def test_split_greedy_equals_generate_on_tiny_model(exit_layer: int) -> None:
     model = make_tiny_llama(num_layers=4, seed=7)
