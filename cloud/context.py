@@ -115,11 +115,16 @@ class ContextManager:
             return self.open(session_id, owner)
         return self.get(session_id, owner)
 
-    def commit(self, ctx: SessionContext, kv: list[KV], length: int) -> None:
-        """Store a session's grown KV, then enforce the budget by evicting least recently used others."""
+    def commit(self, ctx: SessionContext, kv: list[KV], length: int, enforce: bool = True) -> None:
+        """Store a session's grown KV, then enforce the budget by evicting least recently used others.
+
+        A batch commits all its sessions with enforce=False and enforces once after, so no session of the
+        batch is evicted between its forward pass and its commit.
+        """
         ctx.kv, ctx.length = kv, length
         self._touch(ctx)
-        self.enforce_budget(keep=ctx.session_id)
+        if enforce:
+            self.enforce_budget(keep=ctx.session_id)
 
     def enforce_budget(self, keep: str | None = None) -> None:
         if self.budget_bytes is None:

@@ -94,6 +94,89 @@ class DeepEngine:
         self.contexts.commit(ctx, present, req.start + n)
         return self.result(req, logits[0], ctx.length)
 
+    def extend_batch(self, reqs: list[ExtendRequest]) -> list[DeepResult | SessionError]:
+        """Many sessions' requests as one padded forward pass; a refused request gets its error in its slot.
+
+        Requests for the same session go in separate rounds, in order, so one session never races itself.
+        """
+        out: list[DeepResult | SessionError | None] = [None] * len(reqs)
+        rounds: list[list[int]] = []
+        seen: dict[str, int] = {}
+        for i, req in enumerate(reqs):
+            r = seen.get(req.session_id, -1) + 1
+            seen[req.session_id] = r
+            if r == len(rounds):
+                rounds.append([])
+            rounds[r].append(i)
+        for indices in rounds:
+            self._extend_round([reqs[i] for i in indices], indices, out)
+        return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _extend_round(self, reqs: list[ExtendRequest], indices: list[int], out: list) -> None:
+        ready: list[tuple[int, ExtendRequest, SessionContext]] = []
+        for i, req in zip(indices, reqs):
+            try:
+                ctx = self.prepare(req)
+            except SessionError as exc:
+                out[i] = exc
+                continue
+            if req.hidden.shape[0] == 0:
+                out[i] = DeepResult(req.start, [], [], None, ctx.length)
+            else:
+                ready.append((i, req, ctx))
+        if len(ready) == 1:
+            i, req, _ = ready[0]
+            out[i] = self.extend(req)
+        elif ready:
+            for i, result in zip((i for i, _, _ in ready), self._forward_padded([(r, c) for _, r, c in ready])):
+                out[i] = result
+
+    def _forward_padded(self, items: list[tuple[ExtendRequest, SessionContext]]) -> list[DeepResult]:
+        """Pad caches to the longest past P and new rows to the longest n; a mask hides the padding."""
+        dev, dt = self.device, self.dtype
+        pasts = [ctx.length for _, ctx in items]
+        news = [req.hidden.shape[0] for req, _ in items]
+        B, P, Q = len(items), max(pasts), max(news)
+        hidden = torch.zeros(B, Q, self.hidden_size, device=dev, dtype=dt)
+        for b, (req, _) in enumerate(items):
+            hidden[b, : news[b]] = torch.from_numpy(np.ascontiguousarray(req.hidden)).to(dev, dt)
+        past_len = torch.tensor(pasts, device=dev)
+        new_len = torch.tensor(news, device=dev)
+        positions = past_len[:, None] + torch.arange(Q, device=dev)[None]
+        key = torch.arange(P + Q, device=dev)[None, None, :]  # [1, 1, P+Q]
+        query = torch.arange(Q, device=dev)[None, :, None]  # [1, Q, 1]
+        in_past = key < past_len[:, None, None]
+        new_index = key - P
+        in_new = (new_index >= 0) & (new_index <= query) & (new_index < new_len[:, None, None])
+        mask = (in_past | in_new)[:, None]  # [B, 1, Q, P+Q]
+        past = None
+        if P > 0:
+            past = []
+            for layer in range(self.cloud.num_layers):
+                k0 = next(ctx.kv[layer][0] for _, ctx in items if ctx.kv is not None)
+                shape = (B, k0.shape[1], P, k0.shape[3])
+                keys, values = torch.zeros(shape, device=dev, dtype=dt), torch.zeros(shape, device=dev, dtype=dt)
+                for b, (_, ctx) in enumerate(items):
+                    if pasts[b]:
+                        keys[b, :, : pasts[b]] = ctx.kv[layer][0][0]
+                        values[b, :, : pasts[b]] = ctx.kv[layer][1][0]
+                past.append((keys, values))
+        logits, present = self.cloud(hidden, positions, past, attn_mask=mask)
+        results = []
+        for b, (req, ctx) in enumerate(items):
+            p, n = pasts[b], news[b]
+            kv = [
+                (torch.cat([k[b : b + 1, :, :p], k[b : b + 1, :, P : P + n]], dim=2),
+                 torch.cat([v[b : b + 1, :, :p], v[b : b + 1, :, P : P + n]], dim=2))
+                for k, v in present
+            ]
+            self.contexts.commit(ctx, kv, p + n, enforce=False)
+            self.layer_tokens += n * self.cloud.num_layers
+            results.append(self.result(req, logits[b, :n], p + n))
+        self.contexts.enforce_budget()
+        return results
+
     def result(self, req: ExtendRequest, logits: torch.Tensor, length: int) -> DeepResult:
         """Predictions and log-probs at every position; the chosen token at the last one."""
         logits = logits.float()

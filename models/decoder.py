@@ -24,10 +24,18 @@ def causal_mask(q_len: int | torch.Tensor, past_len: int | torch.Tensor, device:
     return k_pos <= q_pos
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, explicit_mask: bool) -> torch.Tensor:
-    """Causal attention of q (the newest positions) over k/v (cache + new); grouped KV heads repeated first."""
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, explicit_mask: bool, attn_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Causal attention of q (the newest positions) over k/v (cache + new); grouped KV heads repeated first.
+
+    `attn_mask` (boolean, broadcastable to [batch, heads, q_len, kv_len]) replaces the causal mask: a batch of
+    sessions with padded caches and padded new rows brings its own.
+    """
     n_rep = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    if attn_mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     q_len, kv_len = q.shape[2], k.shape[2]
     if explicit_mask or (q_len > 1 and kv_len > q_len):
         mask = causal_mask(q_len, kv_len - q_len, q.device)
@@ -41,6 +49,7 @@ def layer_forward(
     cos_sin: tuple[torch.Tensor, torch.Tensor],
     past: KV | None,
     explicit_mask: bool = False,
+    attn_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, KV]:
     """One pre-norm decoder layer; returns the new hidden state and the layer's full (past + new) KV."""
     attn = layer.self_attn
@@ -54,7 +63,7 @@ def layer_forward(
     if past is not None:
         k = torch.cat([past[0], k], dim=2)
         v = torch.cat([past[1], v], dim=2)
-    out = attend(q, k, v, attn.scaling, explicit_mask)
+    out = attend(q, k, v, attn.scaling, explicit_mask, attn_mask)
     out = out.transpose(1, 2).reshape(batch, q_len, -1).contiguous()
     hidden = hidden + attn.o_proj(out)
     hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
@@ -68,11 +77,12 @@ def run_layers(
     position_ids: torch.Tensor,
     past: Sequence[KV] | None = None,
     explicit_mask: bool = False,
+    attn_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[KV]]:
     """Run `layers` over `hidden` [batch, q_len, H] at `position_ids` [batch, q_len]; return hidden and present KV."""
     cos_sin = rotary(hidden, position_ids)
     present: list[KV] = []
     for i, layer in enumerate(layers):
-        hidden, kv = layer_forward(layer, hidden, cos_sin, None if past is None else past[i], explicit_mask)
+        hidden, kv = layer_forward(layer, hidden, cos_sin, None if past is None else past[i], explicit_mask, attn_mask)
         present.append(kv)
     return hidden, present

@@ -73,9 +73,13 @@ class CloudPart(nn.Module):
         return len(self.layers)
 
     def forward(
-        self, hidden: torch.Tensor, position_ids: torch.Tensor, past: list[KV] | None = None
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        past: list[KV] | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[KV]]:
-        hidden, present = run_layers(self.layers, self.rotary_emb, hidden, position_ids, past)
+        hidden, present = run_layers(self.layers, self.rotary_emb, hidden, position_ids, past, attn_mask=attn_mask)
         return self.lm_head(self.norm(hidden)), present
 
 
