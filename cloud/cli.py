@@ -1,0 +1,63 @@
+"""`offramp cloud serve`: the cloud server as a process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+
+from offramp.cloud.config import CloudConfig
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    cloud = subparsers.add_parser("cloud", help="the cloud server")
+    commands = cloud.add_subparsers(dest="cloud_command", required=True)
+    d = CloudConfig()
+    p = commands.add_parser("serve", help="serve layers K..N-1 to edges over a WebSocket, plus the cloud-only API")
+    p.add_argument("--model", default=d.model, help="'default', a local HF checkpoint dir, or a .gguf file")
+    p.add_argument("--exit-layer", type=int, default=d.exit_layer, help="K: the cloud runs layers K..N-1")
+    p.add_argument("--host", default=d.host, help="bind address; anything but loopback needs --token-file")
+    p.add_argument("--port", type=int, default=d.port, help="0 picks a free port (printed at start)")
+    p.add_argument("--token-file", type=Path, default=None, help="file with the bearer token every request must carry (else $OFFRAMP_CLOUD_TOKEN)")
+    p.add_argument("--max-sessions", type=int, default=d.max_sessions, help="sessions held for all clients together")
+    p.add_argument("--max-sessions-per-client", type=int, default=d.max_sessions_per_client)
+    p.add_argument("--kv-budget-mb", type=float, default=d.kv_budget_mb, help="deep-KV memory budget; least recently used sessions are evicted above it")
+    p.add_argument("--session-ttl", type=float, default=d.session_ttl_s, help="seconds an idle session is kept")
+    p.add_argument("--max-frame-bytes", type=int, default=d.max_frame_bytes)
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="requests per batched forward")
+    p.add_argument("--batch-window-ms", type=float, default=d.batch_window_s * 1000, help="wait for more requests to batch")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
+    p.add_argument("--ssl-cert", type=Path, default=None, help="serve wss:// with this certificate (PEM)")
+    p.add_argument("--ssl-key", type=Path, default=None, help="private key for --ssl-cert (PEM)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from offramp.cloud.server import serve
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = CloudConfig(
+        model=args.model,
+        exit_layer=args.exit_layer,
+        host=args.host,
+        port=args.port,
+        token_file=args.token_file,
+        max_sessions=args.max_sessions,
+        max_sessions_per_client=args.max_sessions_per_client,
+        kv_budget_mb=args.kv_budget_mb,
+        session_ttl_s=args.session_ttl,
+        max_frame_bytes=args.max_frame_bytes,
+        max_batch=args.max_batch,
+        batch_window_s=args.batch_window_ms / 1000,
+        device=args.device,
+        ssl_cert=args.ssl_cert,
+        ssl_key=args.ssl_key,
+    )
+    asyncio.run(serve(config))
+    return 0

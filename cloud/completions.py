@@ -1,0 +1,169 @@
+"""`POST /v1/completions` on the cloud: the whole model in the cloud, the deployment offramp is measured against.
+
+It decodes through the same engine code and batcher as edge sessions (a `CloudPart` holding every layer), so
+cloud-only and collaborative requests are served alike and the baseline is as strong as the cloud can make it.
+OpenAI-shaped: text or token-id prompt, `max_tokens`, `temperature`, `top_p`, `seed`, `stream` (SSE chunks
+ending with `data: [DONE]`); each choice also carries `token_ids` so a benchmark can compare tokens exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from aiohttp import web
+
+from offramp.cloud.engine import ExtendRequest
+from offramp.shared.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from offramp.cloud.server import CloudState
+
+FULL_OWNER = "cloud-only"
+
+
+class CompletionRequestError(ValueError):
+    """A request the endpoint refuses with 400; the message names the bad field."""
+
+
+@dataclass
+class CompletionRequest:
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    seed: int | None
+    stream: bool
+
+    @classmethod
+    def parse(cls, body: Any, state: "CloudState") -> "CompletionRequest":
+        if not isinstance(body, dict):
+            raise CompletionRequestError("the request body must be a JSON object")
+        prompt = body.get("prompt")
+        if isinstance(prompt, str) and state.tokenizer is None:
+            raise CompletionRequestError("this server has no tokenizer: send the prompt as token ids")
+        if isinstance(prompt, str):
+            ids = state.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            if not all(0 <= t < state.vocab_size for t in prompt):
+                raise CompletionRequestError(f"prompt token ids must be in 0..{state.vocab_size - 1}")
+            ids = list(prompt)
+        else:
+            raise CompletionRequestError("'prompt' must be a non-empty string or a non-empty list of token ids")
+        if not ids:
+            raise CompletionRequestError("'prompt' encodes to no tokens")
+        max_tokens = body.get("max_tokens", 16)
+        limit = state.config.max_new_tokens
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= limit:
+            raise CompletionRequestError(f"'max_tokens' must be an integer in 1..{limit}, got {max_tokens!r}")
+        if len(ids) + max_tokens > state.max_positions:
+            raise CompletionRequestError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the context length {state.max_positions}")
+        try:
+            sampling = SamplingParams(float(body.get("temperature", 0.0)), float(body.get("top_p", 1.0)))
+        except (TypeError, ValueError) as exc:
+            raise CompletionRequestError(str(exc)) from None
+        seed = body.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise CompletionRequestError(f"'seed' must be an integer, got {seed!r}")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise CompletionRequestError(f"'stream' must be a boolean, got {stream!r}")
+        return cls(ids, max_tokens, sampling, seed, stream)
+
+
+async def generate(state: "CloudState", req: CompletionRequest):
+    """Yield token ids from the whole model, one batched step at a time; frees the session at the end."""
+    session = f"full-{uuid.uuid4().hex}"
+    rng = np.random.default_rng(req.seed)
+    await state.run_serial(state.full_engine.contexts.open, session, FULL_OWNER)
+    try:
+        ids, start = req.prompt_ids, 0
+        for produced in range(req.max_tokens):
+            hidden = _embed(state, ids)
+            result = await state.full_batcher.submit(
+                ExtendRequest(session, start, hidden, FULL_OWNER, True, req.sampling, float(rng.random()))
+            )
+            token = int(result.token)
+            yield token
+            if token in state.stop_ids or result.length >= state.max_positions:
+                return
+            start, ids = result.length, [token]
+    finally:
+        await state.run_serial(state.full_engine.contexts.close, session, FULL_OWNER)
+
+
+@torch.inference_mode()
+def _embed(state: "CloudState", ids: list[int]) -> np.ndarray:
+    return state.embed_tokens(torch.tensor(ids)).float().cpu().numpy()
+
+
+async def handle_completions(request: web.Request) -> web.StreamResponse:
+    from offramp.cloud.server import STATE
+
+    state = request.app[STATE]
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return error_response(400, f"malformed JSON body: {exc}")
+    try:
+        req = CompletionRequest.parse(body, state)
+    except CompletionRequestError as exc:
+        return error_response(400, str(exc))
+    state.metrics.completions.inc()
+    state.completions_inflight += 1
+    try:
+        return await _respond(request, state, req)
+    finally:
+        state.completions_inflight -= 1
+
+
+async def _respond(request: web.Request, state: "CloudState", req: CompletionRequest) -> web.StreamResponse:
+    rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    head = {"id": rid, "object": "text_completion", "created": created, "model": state.model_name}
+    tokens: list[int] = []
+    text_so_far = ""
+    if not req.stream:
+        async for token in generate(state, req):
+            tokens.append(token)
+        state.metrics.completion_tokens.inc(len(tokens))
+        text = _decode(state, tokens)
+        choice = {"index": 0, "text": text, "token_ids": tokens, "finish_reason": _finish(state, tokens, req), "logprobs": None}
+        return web.json_response({**head, "choices": [choice], "usage": _usage(req, tokens)})
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    async for token in generate(state, req):
+        tokens.append(token)
+        text = _decode(state, tokens)
+        delta, text_so_far = text[len(text_so_far):], text
+        chunk = {**head, "choices": [{"index": 0, "text": delta, "token_ids": [token], "finish_reason": None, "logprobs": None}]}
+        await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+    state.metrics.completion_tokens.inc(len(tokens))
+    final = {**head, "choices": [{"index": 0, "text": "", "token_ids": [], "finish_reason": _finish(state, tokens, req), "logprobs": None}],
+             "usage": _usage(req, tokens)}
+    await resp.write(f"data: {json.dumps(final)}\n\n".encode())
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
+def _decode(state: "CloudState", tokens: list[int]) -> str:
+    return "" if state.tokenizer is None else state.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def _finish(state: "CloudState", tokens: list[int], req: CompletionRequest) -> str:
+    return "stop" if tokens and tokens[-1] in state.stop_ids else "length"
+
+
+def _usage(req: CompletionRequest, tokens: list[int]) -> dict[str, int]:
+    n = len(req.prompt_ids)
+    return {"prompt_tokens": n, "completion_tokens": len(tokens), "total_tokens": n + len(tokens)}
+
+
+def error_response(status: int, message: str, code: str | None = None) -> web.Response:
+    """An OpenAI-shaped error body."""
+    kind = {400: "invalid_request_error", 401: "authentication_error", 429: "rate_limit_error"}.get(status, "server_error")
+    return web.json_response({"error": {"message": message, "type": kind, "param": None, "code": code}}, status=status)

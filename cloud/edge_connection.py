@@ -1,0 +1,170 @@
+"""One edge's WebSocket connection to the cloud: hello, then requests for many sessions, each answered by id.
+
+Requests are handled concurrently (escalations of different sessions meet in the batcher), but those of one
+session in arrival order: a per-session lock is taken before the first await of each handler, and asyncio
+starts tasks in creation order. Every failure becomes an Error (or Evicted) frame; the connection stays up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+import msgpack
+from aiohttp import WSMsgType, web
+
+from offramp.cloud.context import SessionError
+from offramp.cloud.engine import ContextMismatchError, ExtendRequest
+from offramp.shared import protocol as p
+from offramp.shared.codecs import CodecError, get_codec
+from offramp.shared.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from offramp.cloud.server import CloudState
+
+log = logging.getLogger("offramp.cloud")
+
+HELLO_TIMEOUT_S = 10.0
+MAX_INFLIGHT_PER_CONNECTION = 256
+
+
+class EdgeConnection:
+    def __init__(self, state: "CloudState", ws: web.WebSocketResponse, owner: str) -> None:
+        self.state = state
+        self.ws = ws
+        self.owner = owner
+        self.tasks: set[asyncio.Task] = set()
+
+    async def run(self) -> None:
+        if not await self._handshake():
+            return
+        async for msg in self.ws:
+            if msg.type == WSMsgType.BINARY:
+                self.state.metrics.bytes_in.inc(len(msg.data))
+                if len(self.tasks) >= MAX_INFLIGHT_PER_CONNECTION:
+                    await self.send_error(_peek_id(msg.data), "overloaded", f"more than {MAX_INFLIGHT_PER_CONNECTION} requests in flight on this connection")
+                    continue
+                task = asyncio.create_task(self._handle(msg.data))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+            elif msg.type == WSMsgType.TEXT:
+                await self.send_error(0, p.BAD_FRAME, "frames are binary msgpack, not text")
+            else:
+                break
+        if self.tasks:  # answers nobody will read, but the sessions' KV must stay consistent
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def _handshake(self) -> bool:
+        try:
+            msg = await self.ws.receive(timeout=HELLO_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            await self._refuse(p.NOT_HELLO, f"no hello within {HELLO_TIMEOUT_S:.0f} s")
+            return False
+        if msg.type != WSMsgType.BINARY:
+            await self._refuse(p.NOT_HELLO, f"expected a binary hello frame, got {msg.type.name}")
+            return False
+        try:
+            hello = p.decode_frame(msg.data, self.state.config.max_frame_bytes)
+        except p.ProtocolError as exc:
+            await self._refuse(exc.code, str(exc))
+            return False
+        if not isinstance(hello, p.Hello):
+            await self._refuse(p.NOT_HELLO, f"the first frame must be hello, got {hello.type}")
+            return False
+        problem = self.state.check_hello(hello)
+        if problem is not None:
+            await self._refuse(*problem)
+            return False
+        await self.send(self.state.welcome())
+        return True
+
+    async def _refuse(self, code: str, message: str) -> None:
+        await self.send_error(0, code, message)
+        await self.ws.close(code=1008, message=code.encode()[:100])
+
+    async def send(self, frame: p.Frame) -> None:
+        if self.ws.closed:
+            return
+        data = p.encode_frame(frame)
+        self.state.metrics.bytes_out.inc(len(data))
+        try:
+            await self.ws.send_bytes(data)
+        except (ConnectionError, RuntimeError):  # the edge went away; its sessions stay for a reconnect
+            pass
+
+    async def send_error(self, request_id: int, code: str, message: str) -> None:
+        self.state.metrics.errors.labels(code).inc()
+        await self.send(p.Error(request_id, code, message))
+
+    async def _handle(self, data: bytes) -> None:
+        try:
+            frame = p.decode_frame(data, self.state.config.max_frame_bytes)
+        except p.ProtocolError as exc:
+            await self.send_error(_peek_id(data), exc.code, str(exc))
+            return
+        session = getattr(frame, "session", None)
+        if session is None or not hasattr(frame, "id"):
+            await self.send_error(getattr(frame, "id", 0), p.BAD_FRAME, f"an edge does not send {frame.type} frames after hello")
+            return
+        async with self.state.session_lock(session):
+            try:
+                reply = await self._dispatch(frame)
+            except SessionError as exc:
+                await self.send_error(frame.id, exc.code, str(exc))
+                return
+            except CodecError as exc:
+                await self.send_error(frame.id, "bad_hidden", str(exc))
+                return
+            except Exception as exc:  # a bug must not take the connection down; say so and keep serving
+                log.exception("internal error on %s frame", frame.type)
+                await self.send_error(frame.id, p.INTERNAL, f"{type(exc).__name__}: {exc}")
+                return
+        await self.send(reply)
+
+    async def _dispatch(self, frame: p.Frame) -> p.Frame:
+        state = self.state
+        if isinstance(frame, p.Open):
+            get_codec(frame.codec)
+            if frame.codec not in state.codecs:
+                raise CodecError(f"codec {frame.codec!r} is not served here; served: {state.codecs}")
+            length = await state.open_session(frame.session, self.owner, frame.codec, self)
+            return p.Opened(frame.id, frame.session, length)
+        if isinstance(frame, p.Close):
+            await state.close_session(frame.session, self.owner)
+            return p.Closed(frame.id, frame.session)
+        if isinstance(frame, (p.Upload, p.Escalate)):
+            return await self._extend(frame)
+        raise p.ProtocolError(f"unexpected frame type {frame.type}")
+
+    async def _extend(self, frame: p.Upload | p.Escalate) -> p.Frame:
+        state = self.state
+        codec_name = state.session_codec(frame.session, self.owner)
+        if codec_name is None:
+            return p.Evicted(frame.id, frame.session, 0, "unknown session (never opened here, closed, or the cloud restarted)")
+        state.session_conn[frame.session] = self
+        hidden = get_codec(codec_name).decode(frame.payload, frame.rows, state.hidden_size)
+        escalate = isinstance(frame, p.Escalate)
+        sampling = SamplingParams(frame.temperature, frame.top_p) if escalate else SamplingParams()
+        req = ExtendRequest(frame.session, frame.start, hidden, self.owner, escalate, sampling, frame.u if escalate else 0.0)
+        try:
+            result = await state.batcher.submit(req)
+        except ContextMismatchError as exc:
+            return p.Evicted(frame.id, frame.session, exc.have, "the cloud lacks earlier positions of this session")
+        if escalate:
+            state.metrics.escalations.inc()
+        else:
+            state.metrics.uploads.inc()
+        state.metrics.positions.labels("escalate" if escalate else "upload").inc(frame.rows)
+        return p.Result(frame.id, frame.session, result.start, result.predicted, result.logprobs, result.token, result.length)
+
+
+def _peek_id(data: bytes) -> int:
+    """The request id of a frame that failed validation, when it can be read at all (else 0)."""
+    try:
+        raw = msgpack.unpackb(data, raw=False, max_bin_len=len(data))
+        value = raw.get("id") if isinstance(raw, dict) else None
+    except Exception:
+        return 0
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= p.MAX_ID else 0
+
