@@ -12,6 +12,7 @@ from offramp.cloud.engine import DeepEngine
 from offramp.edge.link import LocalCloudLink
 from offramp.edge.runtime import EdgeRuntime
 from offramp.edge.torch_runtime import TorchEdgeRuntime
+from offramp.models.fingerprint import edge_identity
 from offramp.models.split import CloudPart, EdgePart
 
 EDGE_PRECISIONS = ("int8", "fp32", "torch")
@@ -27,7 +28,7 @@ def build_edge_runtime(
 ) -> EdgeRuntime:
     """`torch` runs the PyTorch edge part; `fp32`/`int8` run the ONNX graph (exported on first use)."""
     if precision == "torch":
-        return TorchEdgeRuntime(EdgePart(model, exit_layer, head))
+        return TorchEdgeRuntime(EdgePart(model, exit_layer, head), manifest=edge_identity(model, exit_layer))
     if precision not in EDGE_PRECISIONS:
         raise ValueError(f"edge precision {precision!r} is not one of {EDGE_PRECISIONS}")
     from offramp.edge.onnx_runtime import OnnxEdgeRuntime, ensure_edge_graph

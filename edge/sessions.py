@@ -384,7 +384,7 @@ class EdgeService:
         from offramp.edge.torch_runtime import TorchEdgeRuntime
 
         if isinstance(first, TorchEdgeRuntime):
-            return TorchEdgeRuntime(first.edge)
+            return TorchEdgeRuntime(first.edge, first.manifest)
         if type(first).__name__ == "OnnxEdgeRuntime":  # an ORT session runs concurrent calls safely
             clone = copy.copy(first)
             clone.reset()  # fresh KV buffers: reset() rebinds them, so nothing is shared with `first`

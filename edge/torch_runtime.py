@@ -18,8 +18,9 @@ class ContextLengthError(OfframpError, ValueError):
 class TorchEdgeRuntime:
     """Runs an `EdgePart` step by step with a KV cache held as torch tensors."""
 
-    def __init__(self, edge: EdgePart) -> None:
+    def __init__(self, edge: EdgePart, manifest: dict | None = None) -> None:
         self.edge = edge.eval()
+        self.manifest = manifest  # the edge's identity for the cloud's hello (models.fingerprint.edge_identity)
         self.exit_layer = edge.exit_layer
         self.hidden_size = edge.geometry.hidden_size
         self.vocab_size = edge.geometry.vocab_size

@@ -21,3 +21,13 @@ def model_fingerprint(model: PreTrainedModel) -> str:
         digest.update(name.encode())
         digest.update(sample.cpu().numpy().tobytes())
     return digest.hexdigest()
+
+
+def edge_identity(model: PreTrainedModel, exit_layer: int) -> dict:
+    """What the edge tells the cloud about itself in its hello (the exported graph's manifest carries the same)."""
+    return {
+        "model_fingerprint": model_fingerprint(model),
+        "exit_layer": exit_layer,
+        "hidden_size": model.config.hidden_size,
+        "num_layers": model.config.num_hidden_layers,
+    }
