@@ -47,6 +47,8 @@ class GenerationStats:
     wall_s: float = 0.0
     checked_exits: int = 0  # exited tokens whose full-model prediction came back from a catch-up
     agreed_exits: int = 0  # ... and agreed with the edge
+    drafted_tokens: int = 0  # edge tokens decoded while an escalation was in flight, and kept
+    draft_rollbacks: int = 0  # escalations whose answer differed from the edge's guess (drafts thrown away)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,6 +69,7 @@ class DecodeOptions:
     seed: int | None = None
     stop_ids: Sequence[int] = ()
     catch_up: str = "lazy"  # lazy: exited tokens' states go up with the next escalation; eager: right away, in the background
+    draft_ahead: int = 0  # > 0: while an escalation is in flight, the edge decodes up to this many tokens ahead on its guess
 
     def __post_init__(self) -> None:
         if self.catch_up not in CATCH_UP_MODES:
@@ -118,36 +121,48 @@ class CollaborativeDecoder:
 
         step = await self._run(list(prompt_ids))
         hidden_log.extend(step.hidden)
+        draws = rng.random(options.max_new_tokens)  # one uniform per generated token, whichever side picks it
         try:
-            for _ in range(options.max_new_tokens):
+            while stats.tokens < options.max_new_tokens:
                 position = self.runtime.length  # the new token's position
-                u = float(rng.random())
-                token, source = None, EDGE
+                u = float(draws[stats.tokens])
+                next_step: EdgeStep | None = None  # set when the edge already ran the last emitted token
                 confident = self.confidence(step.logits, step.hidden[-1]) >= options.threshold
-                if not confident and self.link is not None:
+                if confident or self.link is None:
+                    emits = [(pick_token(step.logits, options.sampling, u), EDGE)]
+                elif options.draft_ahead > 0:
+                    emits, next_step, synced, link_up = await self._escalate_drafting(
+                        session, hidden_log, synced, emitted, options, draws, step, position
+                    )
+                else:
                     try:
-                        token, synced = await self._escalate(session, hidden_log, synced, emitted, options, u)
-                        source, link_up = CLOUD, True
+                        token, synced = await self._escalate(session, hidden_log, synced, emitted, options, u, position)
+                        emits, link_up = [(token, CLOUD)], True
                     except CloudUnavailableError:
-                        source, link_up = FALLBACK, False
-                if token is None:
-                    token = pick_token(step.logits, options.sampling, u)
-                stats.tokens += 1
-                stats.edge_exits += source == EDGE
-                stats.escalations += source == CLOUD
-                stats.fallback_tokens += source == FALLBACK
-                if stats.tokens == 1:
-                    stats.ttft_s = time.perf_counter() - started
-                if source != CLOUD:
-                    emitted[position] = token
-                if source == EDGE and options.catch_up == "eager" and link_up and synced < len(hidden_log):
-                    synced = await self._upload_in_background(session, hidden_log, synced, emitted)
-                yield TokenEvent(token, source, position)
-                if token in options.stop_ids or self.runtime.length >= self.runtime.max_positions:
+                        emits, link_up = [(pick_token(step.logits, options.sampling, u), FALLBACK)], False
+                stop = False
+                for offset, (token, source) in enumerate(emits):
+                    stats.tokens += 1
+                    stats.edge_exits += source == EDGE
+                    stats.escalations += source == CLOUD
+                    stats.fallback_tokens += source == FALLBACK
+                    if stats.tokens == 1:
+                        stats.ttft_s = time.perf_counter() - started
+                    if source != CLOUD:
+                        emitted[position + offset] = token
+                    yield TokenEvent(token, source, position + offset)
+                    if token in options.stop_ids or position + offset >= self.runtime.max_positions:
+                        stop = True
+                        break
+                if stop or stats.tokens >= options.max_new_tokens:
                     break
-                if stats.tokens < options.max_new_tokens:
-                    step = await self._run([token])
-                    hidden_log.append(step.hidden[-1])
+                upto = len(hidden_log) - (next_step is not None)  # keep the newest row back for the next escalation
+                if options.catch_up == "eager" and link_up and synced < upto and any(src == EDGE for _, src in emits):
+                    synced = await self._upload_in_background(session, hidden_log, synced, upto, emitted)
+                if next_step is None:
+                    next_step = await self._run([emits[-1][0]])
+                    hidden_log.append(next_step.hidden[-1])
+                step = next_step
         finally:
             if self._uploads:
                 await asyncio.gather(*self._uploads, return_exceptions=True)
@@ -177,11 +192,12 @@ class CollaborativeDecoder:
         emitted: dict[int, int],
         options: DecodeOptions,
         u: float,
+        upto: int,
     ) -> tuple[int, int]:
-        """Upload everything the cloud lacks and take its token; re-upload from what it holds if it lost some."""
+        """Upload rows synced..upto-1 and take the cloud's token for position upto; re-upload from what it holds if it lost some."""
         assert self.link is not None
         for _ in range(3):
-            chunk = np.stack(hidden_log[synced:])
+            chunk = np.stack(hidden_log[synced:upto])
             try:
                 result = await self.link.extend(session, synced, chunk, True, options.sampling, u)
             except ContextMismatchError as exc:  # evicted or restarted cloud: rebuild from our copy
@@ -192,14 +208,69 @@ class CollaborativeDecoder:
             return int(result.token), result.length
         raise CloudUnavailableError(f"session {session}: the cloud kept losing its context")
 
-    async def _upload_in_background(self, session: str, hidden_log: list[np.ndarray], synced: int, emitted: dict[int, int]) -> int:
+    async def _escalate_drafting(
+        self,
+        session: str,
+        hidden_log: list[np.ndarray],
+        synced: int,
+        emitted: dict[int, int],
+        options: DecodeOptions,
+        draws: np.ndarray,
+        step: EdgeStep,
+        position: int,
+    ) -> tuple[list[tuple[int, str]], EdgeStep | None, int, bool]:
+        """Escalate, and while the answer is on its way keep decoding at the edge on the edge's own guess.
+
+        If the cloud's token equals the guess, the drafted tokens are exactly what the plain loop would have
+        produced next (same state, same exit decisions), so they are emitted without waiting again; if not, the
+        edge rolls back to the escalated position. Drafting stops at the first position that would escalate.
+        Returns the tokens to emit, the edge step after the last of them if it was run, synced, link state.
+        """
+        first = self.stats.tokens
+        u = float(draws[first])
+        task = asyncio.ensure_future(self._escalate(session, hidden_log, synced, emitted, options, u, position))
+        await asyncio.sleep(0)  # the escalation's frame goes out before the edge gets busy
+        drafts = [pick_token(step.logits, options.sampling, u)]
+        steps: list[EdgeStep] = []
+        left = options.max_new_tokens - first
+        while (
+            not task.done()
+            and len(steps) < options.draft_ahead
+            and len(drafts) < left
+            and drafts[-1] not in options.stop_ids
+            and position + len(steps) < self.runtime.max_positions
+        ):
+            drafted = await self._run([drafts[-1]])
+            hidden_log.append(drafted.hidden[-1])
+            steps.append(drafted)
+            if self.confidence(drafted.logits, drafted.hidden[-1]) < options.threshold:
+                break
+            drafts.append(pick_token(drafted.logits, options.sampling, float(draws[first + len(drafts)])))
+        try:
+            token, synced = await task
+            source, link_up = CLOUD, True
+        except CloudUnavailableError:
+            token, source, link_up = drafts[0], FALLBACK, False
+        if token != drafts[0]:
+            self.stats.draft_rollbacks += 1
+            if self.runtime.length > position:
+                self.runtime.truncate(position)
+            del hidden_log[position:]
+            return [(token, source)], None, synced, link_up
+        self.stats.drafted_tokens += len(drafts) - 1
+        emits = [(drafts[0], source)] + [(d, EDGE) for d in drafts[1:]]
+        return emits, (steps[-1] if len(steps) == len(drafts) else None), synced, link_up
+
+    async def _upload_in_background(
+        self, session: str, hidden_log: list[np.ndarray], synced: int, upto: int, emitted: dict[int, int]
+    ) -> int:
         """Eager catch-up: send the states the cloud lacks now, without waiting for the answer.
 
         The link keeps a session's frames in order, so the next escalation may assume they arrived; if one was
         lost, the cloud answers that escalation with what it holds and the loop re-uploads from there.
         """
         assert self.link is not None
-        chunk = np.stack(hidden_log[synced:])
+        chunk = np.stack(hidden_log[synced:upto])
         task = asyncio.ensure_future(self._upload(session, synced, chunk, emitted))
         self._uploads = [t for t in self._uploads if not t.done()] + [task]
         await asyncio.sleep(0)  # let the upload's frame go out before anything later in this session

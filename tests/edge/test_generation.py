@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 import torch
@@ -177,3 +179,64 @@ async def test_eager_catch_up_gives_the_lazy_tokens_and_checks_every_exit(model)
 def test_unknown_catch_up_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="catch_up"):
         DecodeOptions(catch_up="sometimes")
+
+
+class SlowLink:
+    """The in-process cloud behind a fixed delay, like a WAN round trip."""
+
+    def __init__(self, inner, delay_s: float) -> None:
+        self.inner, self.delay_s = inner, delay_s
+        self.codec, self.deep_layers, self.stats = inner.codec, inner.deep_layers, inner.stats
+
+    async def open_session(self, session_id):
+        await self.inner.open_session(session_id)
+
+    async def extend(self, *args):
+        await asyncio.sleep(self.delay_s)
+        return await self.inner.extend(*args)
+
+    async def close_session(self, session_id):
+        await self.inner.close_session(session_id)
+
+    async def aclose(self):
+        pass
+
+
+def every_third_escalates(logits, hidden) -> float:
+    """A deterministic confidence (a function of the edge's outputs only), so two runs decide alike."""
+    return float(int(abs(float(hidden[0])) * 1e4) % 3 != 0)
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(0.9, 0.95)], ids=["greedy", "sampled"])
+async def test_drafting_during_escalations_changes_no_token(model, sampling) -> None:
+    """Drafted tokens are kept only when the cloud confirms the guess they grew from: the output is the plain loop's."""
+    results = {}
+    for draft in (0, 4):
+        link = SlowLink(build_local_link(model, K, "fp32"), 0.02)
+        decoder = CollaborativeDecoder(TorchEdgeRuntime(EdgePart(model, K)), link, 4, confidence=every_third_escalates)
+        opts = DecodeOptions(max_new_tokens=40, threshold=0.5, sampling=sampling, seed=3, draft_ahead=draft)
+        results[draft] = (*(await run(decoder, opts)), decoder.stats)
+    plain, drafted = results[0], results[4]
+    assert drafted[0] == plain[0] and drafted[1] == plain[1]
+    assert CLOUD in plain[1] and EDGE in plain[1]
+    if sampling.greedy:  # the edge's guess often matches: drafts are kept
+        assert drafted[2].drafted_tokens > 0
+    else:  # sampled guesses rarely match: drafts are thrown away and the edge rolls back
+        assert drafted[2].draft_rollbacks > 0
+    assert drafted[2].escalations == plain[2].escalations and drafted[2].cloud_layer_tokens == plain[2].cloud_layer_tokens
+
+
+async def test_drafting_through_an_unreachable_cloud_keeps_the_drafts(model) -> None:
+    class DeadLink(SlowLink):
+        async def extend(self, *args):
+            await asyncio.sleep(self.delay_s)
+            raise CloudUnavailableError("gone")
+
+    outs = {}
+    for draft in (0, 4):
+        decoder = CollaborativeDecoder(TorchEdgeRuntime(EdgePart(model, K)), DeadLink(build_local_link(model, K), 0.02), 4,
+                                       confidence=every_third_escalates)
+        outs[draft] = (*(await run(decoder, DecodeOptions(max_new_tokens=30, threshold=0.5, draft_ahead=draft))), decoder.stats)
+    assert outs[4][0] == outs[0][0] == edge_only_greedy(model, PROMPT, 30)
+    assert outs[4][1] == outs[0][1] and FALLBACK in outs[0][1]
+    assert outs[4][2].wall_s < outs[0][2].wall_s  # the edge did not sit idle through the timeouts
