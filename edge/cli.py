@@ -9,10 +9,29 @@ import sys
 import time
 from pathlib import Path
 
-from offramp.edge.assemble import EDGE_PRECISIONS, build_edge_runtime, build_local_link
-from offramp.edge.generation import CLOUD, CollaborativeDecoder, DecodeOptions, GenerationStats
+from offramp.edge.assemble import EDGE_PRECISIONS, build_edge_runtime, build_local_link, resolve_precision
+from offramp.edge.generation import CATCH_UP_MODES, CLOUD, CollaborativeDecoder, DecodeOptions, GenerationStats
 from offramp.shared.codecs import CODECS
 from offramp.shared.sampling import SamplingParams
+
+
+def add_decision_flags(p: argparse.ArgumentParser) -> None:
+    """How the edge decides and talks to the cloud: the same flags for generate and edge serve."""
+    p.add_argument("--threshold", type=float, default=None, help="exit confidence threshold (> 1 never exits); default: the calibrated one, else 0.9")
+    p.add_argument("--head", type=Path, default=None, help="a trained exit head dir (default: the one train-exits wrote for this model and K)")
+    p.add_argument("--no-trained-head", action="store_true", help="use the untrained final-norm head with the max-prob rule")
+    p.add_argument("--catch-up", choices=CATCH_UP_MODES, default="lazy", help="when exited tokens' states go up: with the next escalation, or at once")
+    p.add_argument("--draft-ahead", type=int, default=0, help="edge tokens drafted while an escalation is in flight (0: off)")
+    p.add_argument("--cloud-timeout", type=float, default=10.0, help="seconds an escalation may take before the edge falls back")
+    p.add_argument("--insecure", action="store_true", help="do not verify the wss:// cloud's certificate")
+    p.add_argument("--cloud-ca-file", default=None, help="CA bundle for a wss:// cloud with a private certificate")
+
+
+def cloud_token(path: Path | None) -> str | None:
+    """The cloud's bearer token from a file, else $OFFRAMP_CLOUD_TOKEN."""
+    from offramp.cloud.auth import read_token
+
+    return read_token(path)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,9 +41,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--chat", action="store_true", help="send the prompt as one user message through the chat template")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--exit-layer", type=int, default=15)
-    p.add_argument("--threshold", type=float, default=None, help="exit confidence threshold; > 1 never exits")
-    p.add_argument("--edge-precision", choices=EDGE_PRECISIONS, default="int8")
+    add_decision_flags(p)
+    p.add_argument("--edge-precision", choices=EDGE_PRECISIONS, default="auto",
+                   help="auto: the int8 graph standalone, fp32 when collaborating (int8 states change the cloud's answers)")
     p.add_argument("--cloud", default="local", help="'local' (in-process), 'none' (edge-standalone), or ws://HOST:PORT")
+    p.add_argument("--token-file", type=Path, default=None, help="file holding the cloud's bearer token (else $OFFRAMP_CLOUD_TOKEN)")
     p.add_argument("--cloud-only", action="store_true", help="baseline: run every layer in the cloud")
     p.add_argument("--codec", choices=sorted(CODECS), default="fp16", help="hidden-state codec on the link")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -46,14 +67,14 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cloud", required=True, help="'none' (edge-standalone), 'local' (in-process), or ws://HOST:PORT")
     p.add_argument("--model", default="default", help="'default', a local HF checkpoint dir, or a .gguf file")
     p.add_argument("--exit-layer", type=int, default=15)
-    p.add_argument("--threshold", type=float, default=0.9, help="exit confidence threshold; > 1 never exits")
-    p.add_argument("--edge-precision", choices=EDGE_PRECISIONS, default="int8")
+    add_decision_flags(p)
+    p.add_argument("--edge-precision", choices=EDGE_PRECISIONS, default="auto",
+                   help="auto: the int8 graph standalone, fp32 when collaborating (int8 states change the cloud's answers)")
     p.add_argument("--codec", choices=sorted(CODECS), default="fp16", help="hidden-state codec on the link")
     p.add_argument("--host", default="127.0.0.1", help="bind address; anything but loopback needs --token-file")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port (printed at start)")
     p.add_argument("--token-file", type=Path, default=None, help="file holding the bearer token clients must send")
     p.add_argument("--cloud-token-file", type=Path, default=None, help="file holding the bearer token for a ws:// cloud")
-    p.add_argument("--artifacts", type=Path, default=None, help="directory of trained exit heads / exported graphs")
     p.add_argument("--max-sessions", type=int, default=16, help="concurrent requests; more get 429")
     p.add_argument("--workers", type=int, default=None, help="compute threads (default: CPU cores)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
@@ -69,14 +90,20 @@ def run_serve(args: argparse.Namespace) -> int:
     engine = EngineConfig(
         model=args.model,
         exit_layer=args.exit_layer,
-        precision=args.edge_precision,
+        precision=resolve_precision(args.edge_precision, args.cloud),
         cloud=args.cloud,
         codec=args.codec,
         threshold=args.threshold,
         max_sessions=args.max_sessions,
         workers=args.workers,
-        artifacts=args.artifacts,
+        artifacts=args.head,
         cloud_token=read_token(args.cloud_token_file) if args.cloud_token_file else None,
+        trained_head=not args.no_trained_head,
+        catch_up=args.catch_up,
+        draft_ahead=args.draft_ahead,
+        cloud_timeout_s=args.cloud_timeout,
+        verify_tls=not args.insecure,
+        cloud_ca_file=Path(args.cloud_ca_file) if args.cloud_ca_file else None,
     )
     config = DaemonConfig(
         engine=engine,
@@ -107,12 +134,14 @@ def run_generate(args: argparse.Namespace) -> int:
     prompt_ids = encode_prompt(tokenizer, args.prompt, args.chat)
     sampling = SamplingParams(args.temperature, args.top_p)
     stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    threshold = args.threshold if args.threshold is not None else 0.9
     out = sys.stdout
     if args.cloud_only:
         result = _cloud_only(model, prompt_ids, args, sampling, stop_ids, tokenizer, stream=not args.json)
     else:
-        result = asyncio.run(_collaborative(model, prompt_ids, args, threshold, sampling, stop_ids, tokenizer))
+        from offramp.edge.exit_setup import resolve_exit_setup
+
+        setup = resolve_exit_setup(model, args.exit_layer, args.head, not args.no_trained_head, args.threshold)
+        result = asyncio.run(_collaborative(model, prompt_ids, args, setup, sampling, stop_ids, tokenizer))
     if args.json:
         result["text"] = tokenizer.decode(result["token_ids"], skip_special_tokens=True)
         json.dump(result, out)
@@ -129,17 +158,22 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _collaborative(model, prompt_ids, args, threshold, sampling, stop_ids, tokenizer) -> dict:
-    runtime = build_edge_runtime(model, args.exit_layer, args.edge_precision, args.model)
+async def _collaborative(model, prompt_ids, args, setup, sampling, stop_ids, tokenizer) -> dict:
+    precision = resolve_precision(args.edge_precision, args.cloud)
+    runtime = build_edge_runtime(model, args.exit_layer, precision, args.model, head_dir=setup.head_dir)
     link = None
     if args.cloud == "local":
         link = build_local_link(model, args.exit_layer, args.codec)
     elif args.cloud != "none":
         from offramp.edge.ws_link import WebSocketCloudLink
 
-        link = WebSocketCloudLink(args.cloud, codec=args.codec, manifest=getattr(runtime, "manifest", None))
-    decoder = CollaborativeDecoder(runtime, link, model.config.num_hidden_layers)
-    options = DecodeOptions(args.max_new_tokens, threshold, sampling, args.seed, stop_ids)
+        link = WebSocketCloudLink(
+            args.cloud, codec=args.codec, manifest=getattr(runtime, "manifest", None), token=cloud_token(args.token_file),
+            timeout_s=args.cloud_timeout, verify_tls=not args.insecure, ca_file=args.cloud_ca_file,
+        )
+    decoder = CollaborativeDecoder(runtime, link, model.config.num_hidden_layers, confidence=setup.rule.confidence)
+    options = DecodeOptions(args.max_new_tokens, setup.threshold, sampling, args.seed, stop_ids,
+                            catch_up=args.catch_up, draft_ahead=args.draft_ahead)
     token_ids, sources = [], []
     try:
         async for event in decoder.stream(prompt_ids, options):
@@ -150,12 +184,18 @@ async def _collaborative(model, prompt_ids, args, threshold, sampling, stop_ids,
     finally:
         if link is not None:
             await link.aclose()
+    if decoder.stats.fallback_tokens:
+        reason = getattr(link, "last_error", None) or "unreachable"
+        print(f"offramp: the cloud was unavailable ({reason}); {decoder.stats.fallback_tokens} tokens were generated "
+              "at the edge alone (source edge-fallback)", file=sys.stderr)
     return {
         "token_ids": token_ids,
         "sources": sources,
         "mode": decoder.mode,
         "exit_layer": args.exit_layer,
-        "threshold": threshold,
+        "threshold": setup.threshold,
+        "exit_rule": setup.describe(),
+        "edge_precision": precision,
         "stats": decoder.stats.to_dict(),
     }
 

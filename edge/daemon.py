@@ -325,8 +325,8 @@ def _client_gone(request: web.Request) -> bool:
 
 
 def _offramp(request: web.Request, result: TextResult) -> dict[str, Any]:
-    engine = request.app[CONFIG].engine
-    return result.offramp_fields(engine.exit_layer, engine.threshold)
+    service = request.app[SERVICE]
+    return result.offramp_fields(service.config.exit_layer, service.threshold)
 
 
 async def _complete(request: web.Request, generation: Any, chat: bool, model: str) -> web.StreamResponse:

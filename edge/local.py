@@ -109,7 +109,7 @@ class LocalEngine:
         exit_layer: int = 15,
         cloud: str = "none",
         precision: str = "torch",
-        threshold: float = 0.9,
+        threshold: float | None = None,
         codec: str = "fp16",
         cloud_token: str | None = None,
         artifacts: str | Path | None = None,
@@ -192,7 +192,7 @@ class LocalEngine:
                         put(("piece", delta.text))
                 await generation.aclose()
                 if generation.result is not None:
-                    put(("done", completion_from_result(generation.result, self.config.exit_layer, self.config.threshold)))
+                    put(("done", completion_from_result(generation.result, self.config.exit_layer, self.service.threshold)))
             except BaseException as exc:  # noqa: BLE001
                 put(("error", exc))
             finally:

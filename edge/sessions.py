@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from offramp.cloud.engine import DeepEngine, DeepResult, ExtendRequest
-from offramp.edge.generation import CollaborativeDecoder, DecodeOptions, GenerationStats, max_prob_confidence
+from offramp.edge.generation import CollaborativeDecoder, DecodeOptions, GenerationStats
 from offramp.edge.link import CloudLink, CloudUnavailableError, LinkStats, LocalCloudLink
 from offramp.edge.runtime import EdgeRuntime
 from offramp.shared.codecs import CODECS, get_codec
@@ -54,11 +54,17 @@ class EngineConfig:
     precision: str = "torch"  # torch | fp32 | int8 (see offramp.edge.assemble.EDGE_PRECISIONS)
     cloud: str = CLOUD_NONE  # none | local | ws://host:port[/path] | wss://...
     codec: str = "fp16"
-    threshold: float = 0.9  # exit when confidence >= threshold; > 1 never exits
+    threshold: float | None = None  # exit when confidence >= threshold (> 1 never exits); None: calibrated, else 0.9
     max_sessions: int = 16  # concurrent requests; one more gets BusyError
     workers: int | None = None  # compute threads; None = the machine's cores
-    artifacts: Path | None = None  # trained exit head / graphs directory
+    artifacts: Path | None = None  # a trained exit head dir (default: the one `offramp train-exits` wrote, if any)
     cloud_token: str | None = None  # bearer token for a ws:// cloud
+    trained_head: bool = True  # use the trained head + calibrated rule when present
+    catch_up: str = "lazy"  # lazy | eager (see DecodeOptions)
+    draft_ahead: int = 0  # edge tokens drafted while an escalation is in flight (0: off)
+    cloud_timeout_s: float = 10.0  # an escalation unanswered this long falls back to the edge
+    verify_tls: bool = True  # wss:// certificates are checked unless this is False
+    cloud_ca_file: Path | None = None  # a CA bundle for a wss:// cloud with a private certificate
 
     def __post_init__(self) -> None:
         if self.codec not in CODECS:
@@ -69,7 +75,7 @@ class EngineConfig:
             raise ServiceConfigError(f"max_sessions must be >= 1, got {self.max_sessions}")
         if self.workers is not None and self.workers < 1:
             raise ServiceConfigError(f"workers must be >= 1, got {self.workers}")
-        if not np.isfinite(self.threshold):
+        if self.threshold is not None and not np.isfinite(self.threshold):
             raise ServiceConfigError(f"threshold must be a finite number, got {self.threshold!r}")
 
     @property
@@ -350,11 +356,14 @@ class EdgeService:
         self.max_positions = int(model.config.max_position_embeddings)
         self.vocab_size = int(model.config.vocab_size)
         self.executor = ThreadPoolExecutor(config.workers or os.cpu_count() or 1, thread_name_prefix="offramp-edge")
-        head_dir = config.artifacts
-        first = build_edge_runtime(model, config.exit_layer, config.precision, config.model, head_dir=head_dir)
+        from offramp.edge.exit_setup import resolve_exit_setup
+
+        self.exit_setup = resolve_exit_setup(model, config.exit_layer, config.artifacts, config.trained_head, config.threshold)
+        self.threshold = self.exit_setup.threshold
+        first = build_edge_runtime(model, config.exit_layer, config.precision, config.model, head_dir=self.exit_setup.head_dir)
         self.runtime_manifest = getattr(first, "manifest", None)
         self.pool = RuntimePool(first, config.max_sessions, lambda: self._new_runtime(first))
-        self.confidence = max_prob_confidence
+        self.confidence = self.exit_setup.rule.confidence
         self.health = LinkHealth(config.cloud_kind, config.cloud if config.cloud_kind == "ws" else None)
         if link is not None:
             self.link: CloudLink | None = link
@@ -390,7 +399,7 @@ class EdgeService:
             clone.reset()  # fresh KV buffers: reset() rebinds them, so nothing is shared with `first`
             return clone
         return build_edge_runtime(
-            self.model, self.config.exit_layer, self.config.precision, self.config.model, head_dir=self.config.artifacts
+            self.model, self.config.exit_layer, self.config.precision, self.config.model, head_dir=self.exit_setup.head_dir
         )
 
     def _ws_link(self, config: EngineConfig) -> CloudLink:
@@ -398,7 +407,10 @@ class EdgeService:
             from offramp.edge.ws_link import WebSocketCloudLink
         except ModuleNotFoundError as exc:
             raise ServiceConfigError(f"cloud {config.cloud!r} needs offramp.edge.ws_link, which is not installed") from exc
-        kwargs: dict[str, Any] = {"codec": config.codec, "manifest": self.runtime_manifest}
+        kwargs: dict[str, Any] = {
+            "codec": config.codec, "manifest": self.runtime_manifest, "timeout_s": config.cloud_timeout_s,
+            "verify_tls": config.verify_tls, "ca_file": str(config.cloud_ca_file) if config.cloud_ca_file else None,
+        }
         if config.cloud_token is not None:
             kwargs["token"] = config.cloud_token
         return WebSocketCloudLink(config.cloud, **kwargs)
@@ -445,7 +457,10 @@ class EdgeService:
             "model": self.config.model,
             "exit_layer": self.config.exit_layer,
             "precision": self.config.precision,
-            "threshold": self.config.threshold,
+            "threshold": self.threshold,
+            "exit_rule": self.exit_setup.describe(),
+            "catch_up": self.config.catch_up,
+            "draft_ahead": self.config.draft_ahead,
             "codec": self.config.codec,
             "mode": self.mode,
             "sessions_active": self.pool.active,
@@ -501,7 +516,9 @@ class Generation:
 
     async def _run(self) -> AsyncIterator[TextDelta]:
         req, service = self.request, self.service
-        options = DecodeOptions(req.max_tokens, service.config.threshold, req.sampling, req.seed, service.stop_ids)
+        cfg = service.config
+        options = DecodeOptions(req.max_tokens, service.threshold, req.sampling, req.seed, service.stop_ids,
+                                catch_up=cfg.catch_up, draft_ahead=cfg.draft_ahead)
         self._events = self.decoder.stream(req.prompt_ids, options)
         token_ids: list[int] = []
         sources: list[str] = []
