@@ -27,11 +27,23 @@ def add_decision_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cloud-ca-file", default=None, help="CA bundle for a wss:// cloud with a private certificate")
 
 
+TOKEN_ENVS = ("OFFRAMP_TOKEN", "OFFRAMP_CLOUD_TOKEN")  # the edge's own name first, then the one the cloud reads
+
+
 def cloud_token(path: Path | None) -> str | None:
-    """The cloud's bearer token from a file, else $OFFRAMP_CLOUD_TOKEN."""
+    """The cloud's bearer token from a file (whitespace stripped), else $OFFRAMP_TOKEN, else $OFFRAMP_CLOUD_TOKEN.
+
+    Both names so one exported variable serves `offramp cloud serve` and the edge on a dev machine.
+    """
     from offramp.cloud.auth import read_token
 
-    return read_token(path)
+    if path is not None:
+        return read_token(path)
+    for env in TOKEN_ENVS:
+        token = read_token(None, env=env)
+        if token is not None:
+            return token
+    return None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--edge-precision", choices=EDGE_PRECISIONS, default="auto",
                    help="auto: the int8 graph standalone, fp32 when collaborating (int8 states change the cloud's answers)")
     p.add_argument("--cloud", default="local", help="'local' (in-process), 'none' (edge-standalone), or ws://HOST:PORT")
-    p.add_argument("--token-file", type=Path, default=None, help="file holding the cloud's bearer token (else $OFFRAMP_CLOUD_TOKEN)")
+    p.add_argument("--token-file", type=Path, default=None, help="file holding the cloud's bearer token (else $OFFRAMP_TOKEN or $OFFRAMP_CLOUD_TOKEN)")
     p.add_argument("--cloud-only", action="store_true", help="baseline: run every layer in the cloud")
     p.add_argument("--codec", choices=sorted(CODECS), default="fp16", help="hidden-state codec on the link")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -74,7 +86,7 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address; anything but loopback needs --token-file")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port (printed at start)")
     p.add_argument("--token-file", type=Path, default=None, help="file holding the bearer token clients must send")
-    p.add_argument("--cloud-token-file", type=Path, default=None, help="file holding the bearer token for a ws:// cloud")
+    p.add_argument("--cloud-token-file", type=Path, default=None, help="file holding the bearer token for a ws:// cloud (else $OFFRAMP_TOKEN or $OFFRAMP_CLOUD_TOKEN)")
     p.add_argument("--max-sessions", type=int, default=16, help="concurrent requests; more get 429")
     p.add_argument("--workers", type=int, default=None, help="compute threads (default: CPU cores)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
@@ -84,7 +96,7 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from offramp.edge.daemon import DaemonConfig, read_token, serve
+    from offramp.edge.daemon import DaemonConfig, serve
     from offramp.edge.sessions import EngineConfig
 
     engine = EngineConfig(
@@ -97,7 +109,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions,
         workers=args.workers,
         artifacts=args.head,
-        cloud_token=read_token(args.cloud_token_file) if args.cloud_token_file else None,
+        cloud_token=cloud_token(args.cloud_token_file),
         trained_head=not args.no_trained_head,
         catch_up=args.catch_up,
         draft_ahead=args.draft_ahead,

@@ -113,13 +113,22 @@ class LocalEngine:
         codec: str = "fp16",
         cloud_token: str | None = None,
         artifacts: str | Path | None = None,
+        trained_head: bool = True,
+        cloud_timeout_s: float = 10.0,
+        verify_tls: bool = True,
         max_sessions: int = 4,
         loaded: tuple[Any, Any] | None = None,
     ) -> None:
-        """`loaded=(model, tokenizer)` reuses weights already in memory instead of loading `model` again."""
+        """`loaded=(model, tokenizer)` reuses weights already in memory instead of loading `model` again.
+
+        Like `offramp generate`: the trained exit head and its calibrated threshold are used when `offramp
+        train-exits`/`calibrate` left them for this model and K (`artifacts` names another head dir,
+        `trained_head=False` keeps the untrained final-norm head); an explicit `threshold` wins.
+        """
         self.config = EngineConfig(
             model=model, exit_layer=exit_layer, precision=precision, cloud=cloud, codec=codec, threshold=threshold,
             max_sessions=max_sessions, artifacts=Path(artifacts) if artifacts is not None else None, cloud_token=cloud_token,
+            trained_head=trained_head, cloud_timeout_s=cloud_timeout_s, verify_tls=verify_tls,
         )
         if loaded is None:
             from offramp.models import load_model
@@ -144,6 +153,11 @@ class LocalEngine:
     @property
     def tokenizer(self) -> Any:
         return self.service.tokenizer
+
+    @property
+    def exit_rule(self) -> dict[str, Any]:
+        """Which head, rule and threshold (and where the threshold came from) this engine exits with."""
+        return self.service.exit_setup.describe()
 
     def _request(
         self,
