@@ -22,6 +22,8 @@ def add_decision_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-trained-head", action="store_true", help="use the untrained final-norm head with the max-prob rule")
     p.add_argument("--catch-up", choices=CATCH_UP_MODES, default="lazy", help="when exited tokens' states go up: with the next escalation, or at once")
     p.add_argument("--draft-ahead", type=int, default=0, help="edge tokens drafted while an escalation is in flight (0: off)")
+    p.add_argument("--lossless", action="store_true", help="greedy only: emit edge tokens after the cloud confirmed them (output = full model)")
+    p.add_argument("--max-draft", type=int, default=8, help="lossless: edge tokens verified per round trip at most")
     p.add_argument("--cloud-timeout", type=float, default=10.0, help="seconds an escalation may take before the edge falls back")
     p.add_argument("--insecure", action="store_true", help="do not verify the wss:// cloud's certificate")
     p.add_argument("--cloud-ca-file", default=None, help="CA bundle for a wss:// cloud with a private certificate")
@@ -113,6 +115,8 @@ def run_serve(args: argparse.Namespace) -> int:
         trained_head=not args.no_trained_head,
         catch_up=args.catch_up,
         draft_ahead=args.draft_ahead,
+        lossless=args.lossless,
+        max_draft=args.max_draft,
         cloud_timeout_s=args.cloud_timeout,
         verify_tls=not args.insecure,
         cloud_ca_file=Path(args.cloud_ca_file) if args.cloud_ca_file else None,
@@ -185,7 +189,7 @@ async def _collaborative(model, prompt_ids, args, setup, sampling, stop_ids, tok
         )
     decoder = CollaborativeDecoder(runtime, link, model.config.num_hidden_layers, confidence=setup.rule.confidence)
     options = DecodeOptions(args.max_new_tokens, setup.threshold, sampling, args.seed, stop_ids,
-                            catch_up=args.catch_up, draft_ahead=args.draft_ahead)
+                            catch_up=args.catch_up, draft_ahead=args.draft_ahead, lossless=args.lossless, max_draft=args.max_draft)
     token_ids, sources = [], []
     try:
         async for event in decoder.stream(prompt_ids, options):

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from offramp.cloud.engine import ContextMismatchError
+from offramp.cloud.engine import ContextMismatchError, DeepResult
 from offramp.edge.link import CloudLink, CloudUnavailableError
 from offramp.edge.runtime import EdgeRuntime, EdgeStep
 from offramp.shared.sampling import SamplingParams, pick_token, softmax
@@ -49,6 +49,7 @@ class GenerationStats:
     agreed_exits: int = 0  # ... and agreed with the edge
     drafted_tokens: int = 0  # edge tokens decoded while an escalation was in flight, and kept
     draft_rollbacks: int = 0  # escalations whose answer differed from the edge's guess (drafts thrown away)
+    rejected_drafts: int = 0  # lossless: edge drafts the full model disagreed with (or that followed one)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,8 +71,12 @@ class DecodeOptions:
     stop_ids: Sequence[int] = ()
     catch_up: str = "lazy"  # lazy: exited tokens' states go up with the next escalation; eager: right away, in the background
     draft_ahead: int = 0  # > 0: while an escalation is in flight, the edge decodes up to this many tokens ahead on its guess
+    lossless: bool = False  # greedy only: no edge token is emitted before the cloud confirmed it (speculative decoding)
+    max_draft: int = 8  # lossless: edge tokens verified per round trip at most
 
     def __post_init__(self) -> None:
+        if self.lossless and self.max_draft < 1:
+            raise ValueError(f"max_draft must be >= 1, got {self.max_draft}")
         if self.catch_up not in CATCH_UP_MODES:
             raise ValueError(f"catch_up must be one of {CATCH_UP_MODES}, got {self.catch_up!r}")
 
@@ -94,6 +99,7 @@ class CollaborativeDecoder:
         self.executor = executor  # where edge steps run; None = inline (a server passes a pool so its loop stays free)
         self.stats = GenerationStats()
         self._uploads: list[asyncio.Task] = []
+        self._last_result: DeepResult | None = None
 
     @property
     def mode(self) -> str:
@@ -128,7 +134,11 @@ class CollaborativeDecoder:
                 u = float(draws[stats.tokens])
                 next_step: EdgeStep | None = None  # set when the edge already ran the last emitted token
                 confident = self.confidence(step.logits, step.hidden[-1]) >= options.threshold
-                if confident or self.link is None:
+                if options.lossless and options.sampling.greedy and self.link is not None:
+                    emits, next_step, synced, link_up = await self._lossless_round(
+                        session, hidden_log, synced, emitted, options, step, position
+                    )
+                elif confident or self.link is None:
                     emits = [(pick_token(step.logits, options.sampling, u), EDGE)]
                 elif options.draft_ahead > 0:
                     emits, next_step, synced, link_up = await self._escalate_drafting(
@@ -205,6 +215,7 @@ class CollaborativeDecoder:
                 continue
             self.stats.cloud_layer_tokens += len(chunk) * self.link.deep_layers
             self._check_agreement(result.start, result.predicted[:-1], emitted)  # the last one is the escalated token
+            self._last_result = result
             return int(result.token), result.length
         raise CloudUnavailableError(f"session {session}: the cloud kept losing its context")
 
@@ -260,6 +271,66 @@ class CollaborativeDecoder:
         self.stats.drafted_tokens += len(drafts) - 1
         emits = [(drafts[0], source)] + [(d, EDGE) for d in drafts[1:]]
         return emits, (steps[-1] if len(steps) == len(drafts) else None), synced, link_up
+
+    async def _lossless_round(
+        self,
+        session: str,
+        hidden_log: list[np.ndarray],
+        synced: int,
+        emitted: dict[int, int],
+        options: DecodeOptions,
+        step: EdgeStep,
+        position: int,
+    ) -> tuple[list[tuple[int, str]], EdgeStep | None, int, bool]:
+        """Speculative decoding with the edge as the drafter: draft while confident, verify in one round trip.
+
+        The cloud's catch-up pass predicts the full model's token at every uploaded position, so the edge keeps
+        its drafts up to the first one the full model would not have chosen, takes the cloud's token there (or
+        after the last draft), and rolls back the rest. Greedy output equals the full model's, token for token.
+        """
+        left = options.max_new_tokens - self.stats.tokens
+        drafts: list[int] = []
+        ran = 0  # drafts the edge has run (the last one may be a stop token, never run)
+        current = step
+        while (
+            len(drafts) < min(options.max_draft, left - 1)
+            and position + len(drafts) < self.runtime.max_positions - 1
+            and self.confidence(current.logits, current.hidden[-1]) >= options.threshold
+        ):
+            drafts.append(int(np.argmax(current.logits)))
+            if drafts[-1] in options.stop_ids:
+                break
+            current = await self._run([drafts[-1]])
+            hidden_log.append(current.hidden[-1])
+            ran += 1
+        try:
+            token, synced = await self._escalate(session, hidden_log, synced, emitted, options, 0.0, len(hidden_log))
+        except CloudUnavailableError:  # nothing can be verified: the drafts and the edge's next pick, marked
+            emits = [(d, FALLBACK) for d in drafts]
+            if ran == len(drafts):
+                emits.append((int(np.argmax(current.logits)), FALLBACK))
+            return emits, None, synced, False
+        result = self._last_result
+        assert result is not None
+        accepted = 0
+        for i, draft in enumerate(drafts):
+            if result.predicted[position + i - 1 - result.start] != draft:
+                break
+            accepted += 1
+        self.stats.checked_exits += len(drafts[: accepted + 1])
+        self.stats.agreed_exits += accepted
+        self.stats.rejected_drafts += len(drafts) - accepted
+        emits = [(d, EDGE) for d in drafts[:accepted]]
+        if accepted < len(drafts):  # the full model disagrees at position + accepted: its token, and roll back after
+            emits.append((result.predicted[position + accepted - 1 - result.start], CLOUD))
+            keep = position + accepted
+            if self.runtime.length > keep:
+                self.runtime.truncate(keep)
+            del hidden_log[keep:]
+            synced = min(synced, keep)
+        elif ran == len(drafts):
+            emits.append((token, CLOUD))
+        return emits, None, synced, True
 
     async def _upload_in_background(
         self, session: str, hidden_log: list[np.ndarray], synced: int, upto: int, emitted: dict[int, int]

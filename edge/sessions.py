@@ -62,6 +62,8 @@ class EngineConfig:
     trained_head: bool = True  # use the trained head + calibrated rule when present
     catch_up: str = "lazy"  # lazy | eager (see DecodeOptions)
     draft_ahead: int = 0  # edge tokens drafted while an escalation is in flight (0: off)
+    lossless: bool = False  # greedy requests: edge tokens verified by the cloud before they are sent
+    max_draft: int = 8
     cloud_timeout_s: float = 10.0  # an escalation unanswered this long falls back to the edge
     verify_tls: bool = True  # wss:// certificates are checked unless this is False
     cloud_ca_file: Path | None = None  # a CA bundle for a wss:// cloud with a private certificate
@@ -461,6 +463,7 @@ class EdgeService:
             "exit_rule": self.exit_setup.describe(),
             "catch_up": self.config.catch_up,
             "draft_ahead": self.config.draft_ahead,
+            "lossless": self.config.lossless,
             "codec": self.config.codec,
             "mode": self.mode,
             "sessions_active": self.pool.active,
@@ -518,7 +521,7 @@ class Generation:
         req, service = self.request, self.service
         cfg = service.config
         options = DecodeOptions(req.max_tokens, service.threshold, req.sampling, req.seed, service.stop_ids,
-                                catch_up=cfg.catch_up, draft_ahead=cfg.draft_ahead)
+                                catch_up=cfg.catch_up, draft_ahead=cfg.draft_ahead, lossless=cfg.lossless, max_draft=cfg.max_draft)
         self._events = self.decoder.stream(req.prompt_ids, options)
         token_ids: list[int] = []
         sources: list[str] = []

@@ -53,6 +53,20 @@ async def test_always_escalate_fp32_over_the_network_equals_full_model(model, ed
             await link.aclose()
 
 
+async def test_lossless_mode_over_the_network_equals_full_model(model, edge_runtime) -> None:
+    async with running_cloud(model) as cloud:
+        link = cloud.link("fp32")
+        try:
+            for prompt in PROMPTS[:3]:
+                decoder = CollaborativeDecoder(edge_runtime(), link, LAYERS, confidence=lambda lg, h: 1.0)
+                opts = DecodeOptions(max_new_tokens=20, threshold=0.0, lossless=True, max_draft=4)
+                tokens = [e.token_id async for e in decoder.stream(prompt, opts)]
+                assert tokens == full_greedy(model, prompt, 20)
+                assert decoder.stats.escalations < 20
+        finally:
+            await link.aclose()
+
+
 async def test_sixteen_concurrent_sessions_get_the_tokens_they_get_alone(model, edge_runtime) -> None:
     async with running_cloud(model, batch_window_s=0.005) as cloud:
         link = cloud.link("fp16")

@@ -240,3 +240,30 @@ async def test_drafting_through_an_unreachable_cloud_keeps_the_drafts(model) -> 
     assert outs[4][0] == outs[0][0] == edge_only_greedy(model, PROMPT, 30)
     assert outs[4][1] == outs[0][1] and FALLBACK in outs[0][1]
     assert outs[4][2].wall_s < outs[0][2].wall_s  # the edge did not sit idle through the timeouts
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5])
+async def test_lossless_mode_gives_exactly_the_full_models_greedy_tokens(model, threshold) -> None:
+    """Edge drafts are verified by the cloud's catch-up predictions before they are emitted."""
+    confidence = (lambda lg, h: 1.0) if threshold == 0.0 else every_third_escalates
+    rejected = 0
+    for prompt in (PROMPT, [1, 2, 3], list(range(40, 70)), [100, 7, 55, 23]):
+        decoder = CollaborativeDecoder(TorchEdgeRuntime(EdgePart(model, K)), build_local_link(model, K, "fp32"), 4, confidence=confidence)
+        tokens, sources = await run(decoder, DecodeOptions(max_new_tokens=30, threshold=threshold, lossless=True, max_draft=5), prompt)
+        assert tokens == full_greedy(model, prompt, 30)
+        stats = decoder.stats
+        assert EDGE in sources and CLOUD in sources
+        assert stats.edge_exits + stats.escalations == 30
+        assert stats.escalations < 30  # fewer round trips than tokens: several drafts verified per trip
+        rejected += stats.rejected_drafts
+    assert rejected > 0  # and some drafts were wrong, rolled back, and never shown
+
+
+async def test_lossless_mode_without_a_cloud_still_completes(model) -> None:
+    class Gone(SlowLink):
+        async def extend(self, *args):
+            raise CloudUnavailableError("gone")
+
+    decoder = CollaborativeDecoder(TorchEdgeRuntime(EdgePart(model, K)), Gone(build_local_link(model, K), 0), 4, confidence=lambda lg, h: 1.0)
+    tokens, sources = await run(decoder, DecodeOptions(max_new_tokens=20, threshold=0.0, lossless=True))
+    assert tokens == edge_only_greedy(model, PROMPT, 20) and set(sources) == {FALLBACK}
