@@ -16,6 +16,6 @@ for _ in $(seq 1 240); do
   kill -0 $CLOUD 2>/dev/null || { cat "$LOG"; echo "the cloud server exited" >&2; exit 1; }
   sleep 0.5
 done
-echo "cloud: ws://127.0.0.1:$PORT (pid $CLOUD, log $LOG); edge: exit layer $K, int8 ONNX graph"
+echo "cloud: ws://127.0.0.1:$PORT (pid $CLOUD, log $LOG); edge: exit layer $K"
 .venv/bin/offramp generate --model default --cloud "ws://127.0.0.1:$PORT" --exit-layer "$K" --chat \
   --max-new-tokens 96 --prompt "$PROMPT" --json | .venv/bin/python scripts/show_generation.py

@@ -10,7 +10,10 @@ def main() -> None:
     print(f"\n{result['text']}\n")
     marks = {"edge": ".", "cloud": "C", "edge-fallback": "F"}
     print("token sources (. edge, C cloud, F edge-fallback):", "".join(marks[s] for s in result["sources"]))
-    print(f"mode {result['mode']}, exit layer {result['exit_layer']}, threshold {result['threshold']}")
+    print(f"mode {result['mode']}, exit layer {result['exit_layer']}, edge graph {result.get('edge_precision', '-')}")
+    rule = result.get("exit_rule")
+    if rule:
+        print(f"exit head {rule['head']}, rule {rule['rule']}, threshold {rule['threshold']:.3f} ({rule['threshold_source']})")
     rows = [
         ("tokens", stats["tokens"]),
         ("edge exits", f"{stats['edge_exits']} ({stats['edge_exits'] / max(stats['tokens'], 1):.0%})"),
