@@ -8,41 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
-import os
 from pathlib import Path
 
-from offramp.shared.errors import OfframpError
+from offramp.shared.auth import AuthConfigError, is_loopback
+from offramp.shared.auth import read_token as shared_read_token
+
+__all__ = ["ANONYMOUS", "TOKEN_ENV", "AuthConfigError", "BearerAuth", "check_bind", "is_loopback", "read_token"]
 
 TOKEN_ENV = "OFFRAMP_CLOUD_TOKEN"
 ANONYMOUS = "anonymous"
 
 
-class AuthConfigError(OfframpError, ValueError):
-    """A token file that cannot be used, or an unsafe bind without a token."""
-
-
 def read_token(path: Path | str | None, env: str = TOKEN_ENV) -> str | None:
-    """The token from `path` (whitespace stripped), else from the environment variable, else None."""
-    if path is not None:
-        try:
-            token = Path(path).read_text().strip()
-        except OSError as exc:
-            raise AuthConfigError(f"cannot read token file {str(path)!r}: {exc.strerror}") from None
-        if not token:
-            raise AuthConfigError(f"token file {str(path)!r} is empty")
-        return token
-    value = os.environ.get(env, "").strip()
-    return value or None
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    """The cloud's token from `path`, else from $OFFRAMP_CLOUD_TOKEN, else None."""
+    return shared_read_token(path, env)
 
 
 def check_bind(host: str, token: str | None) -> None:

@@ -37,12 +37,12 @@ def cloud_token(path: Path | None) -> str | None:
 
     Both names so one exported variable serves `offramp cloud serve` and the edge on a dev machine.
     """
-    from offramp.cloud.auth import read_token
+    from offramp.shared.auth import read_token
 
     if path is not None:
-        return read_token(path)
+        return read_token(path, TOKEN_ENVS[0])
     for env in TOKEN_ENVS:
-        token = read_token(None, env=env)
+        token = read_token(None, env)
         if token is not None:
             return token
     return None

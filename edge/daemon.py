@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import json
 import logging
 import socket
@@ -38,6 +37,8 @@ from offramp.edge.openai_api import (
     resolve_max_tokens,
 )
 from offramp.edge.sessions import BusyError, EdgeService, EngineConfig, TextRequest, TextResult
+from offramp.shared.auth import is_loopback
+from offramp.shared.auth import read_token_file as read_token
 from offramp.shared.errors import OfframpError
 from offramp.shared.sampling import SamplingParams
 from offramp.shared.version import __version__
@@ -51,27 +52,6 @@ DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
 
 class DaemonConfigError(OfframpError, ValueError):
     """A daemon setting that is unsafe or cannot work (a public bind without a token, an empty token file)."""
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and 'localhost'; everything else (0.0.0.0 included) is reachable from outside."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def read_token(path: Path) -> str:
-    """The bearer token from a file (whitespace stripped); the token itself never appears in errors or logs."""
-    try:
-        token = Path(path).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DaemonConfigError(f"cannot read the token file {str(path)!r}: {exc.__class__.__name__}") from None
-    if not token:
-        raise DaemonConfigError(f"the token file {str(path)!r} is empty")
-    return token
 
 
 @dataclass(frozen=True)
