@@ -51,7 +51,6 @@ class BenchConfig:
     edge_precisions: list[str] = field(default_factory=lambda: ["int8", "fp32"])  # first: the sweep's; others at K0
     heads: str = "auto"  # auto: trained exit heads + calibrated rule where present; none: final-norm baseline
     cloud: str = "serve"  # serve | inprocess
-    cloud_server: str = "auto"  # auto: `offramp cloud serve` when this checkout has it, else the bench stub
     clients: list[int] = field(default_factory=lambda: [1, 4, 16, 32])
     clients_profile: str = "wan"
     grid_profile: str = "wan"  # the full grid runs here; other profiles get cloud-only + the `followup_top` best settings
@@ -218,12 +217,10 @@ class ServedBackend:
     name = "serve"
 
     def __init__(self, edge: Edge, cfg: BenchConfig, out: Path) -> None:
-        from bench_procs import CloudServer, EmulatedLink, real_cloud_available
+        from bench_procs import CloudServer, EmulatedLink
 
         self.edge, self.cfg = edge, cfg
-        self.stub = cfg.cloud_server == "stub" or (cfg.cloud_server == "auto" and not real_cloud_available())
-        self.name = "bench stub (scripts/bench_cloud_stub.py)" if self.stub else "offramp cloud serve"
-        self.servers = {k: CloudServer(cfg.model, k, log_path=out / f"cloud-k{k}.log", stub=self.stub) for k in cfg.exit_layers}
+        self.servers = {k: CloudServer(cfg.model, k, log_path=out / f"cloud-k{k}.log") for k in cfg.exit_layers}
         self.links: dict[int, EmulatedLink] = {}
         self._EmulatedLink = EmulatedLink
         self._http = None
@@ -257,17 +254,9 @@ class ServedBackend:
         if self._http is None:
             self._http = aiohttp.ClientSession()
         url = f"http://127.0.0.1:{self.links[self.base_k].port}/v1/completions"
-        result = await bm.run_cloud_only_http(self._http, url, prompt, n, self.edge.num_layers)
-        if not result.token_ids and getattr(result, "text", ""):  # a server that streams text only
-            result.token_ids = self.edge.tokenizer(result.text, add_special_tokens=False)["input_ids"]
-            result.error = None
-        return result
+        return await bm.run_cloud_only_http(self._http, url, prompt, n, self.edge.num_layers)
 
     async def open_link(self, k: int, codec: str):
-        if self.stub:
-            from bench_cloud_stub import StubCloudLink
-
-            return StubCloudLink(f"http://127.0.0.1:{self.links[k].port}", codec, self.edge.num_layers - k)
         from offramp.edge.ws_link import WebSocketCloudLink
 
         runtime = self.edge.runtime(k)
@@ -612,7 +601,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid-profile", default=None, help="the profile that runs every setting (default wan)")
     p.add_argument("--followup-top", type=int, default=None, help="settings the other profiles run (<= 0: all)")
     p.add_argument("--cloud", default=None, choices=["serve", "inprocess"])
-    p.add_argument("--cloud-server", default=None, choices=["auto", "real", "stub"])
     p.add_argument("--heads", default=None, choices=["auto", "none"], help="trained exit heads where present, or the final-norm baseline")
     p.add_argument("--clients", default=None, help="comma list of concurrent clients")
     p.add_argument("--clients-profile", default=None)
@@ -629,7 +617,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     strs = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     for name, conv in (("model", str), ("prompts", int), ("max_new_tokens", int), ("profiles", strs),
                        ("exit_layers", ints), ("thresholds", floats), ("codecs", strs), ("codec_threshold", float),
-                       ("edge_precisions", strs), ("grid_profile", str), ("followup_top", int), ("heads", str), ("cloud", str), ("cloud_server", str), ("clients", ints), ("clients_profile", str),
+                       ("edge_precisions", strs), ("grid_profile", str), ("followup_top", int), ("heads", str), ("cloud", str), ("clients", ints), ("clients_profile", str),
                        ("requests_per_client", int)):
         value = getattr(args, name)
         if value is not None:

@@ -294,14 +294,13 @@ async def run_cloud_only_http(
     """The baseline as a user would deploy it: the prompt goes up, the cloud's full model streams tokens back.
 
     Sends token ids (OpenAI completions accept a list of ints) so both modes see exactly the same prompt, and
-    reads token ids back when the server includes them (else the text is all we get: agreement then compares
-    text through the tokenizer, see `bench.py`).
+    reads the `token_ids` each streamed choice of `offramp cloud serve` carries, so agreement compares tokens.
     """
     import aiohttp
 
     body = {"prompt": list(prompt.input_ids), "max_tokens": max_new_tokens, "temperature": 0, "stream": True}
     started = time.perf_counter()
-    ttft, tokens, texts = 0.0, [], []
+    ttft, tokens = 0.0, []
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     async with session.post(url, json=body, timeout=timeout) as resp:
         if resp.status != 200:
@@ -314,37 +313,17 @@ async def run_cloud_only_http(
             if data == "[DONE]":
                 break
             chunk = json.loads(data)
-            ids = _chunk_token_ids(chunk)
-            text = "".join(c.get("text", "") for c in chunk.get("choices", []))
-            if (ids or text) and ttft == 0.0:
+            ids = [int(t) for c in chunk.get("choices", []) for t in c.get("token_ids", [])]
+            if ids and ttft == 0.0:
                 ttft = time.perf_counter() - started
             tokens.extend(ids)
-            texts.append(text)
     latency = time.perf_counter() - started
     result = RequestResult(prompt.prompt_id, tokens, ttft, latency)
     result.error = None if tokens else "no token ids in the stream"
-    result.text = "".join(texts)  # type: ignore[attr-defined]
     positions = len(prompt.input_ids) + max(len(tokens) - 1, 0)
     result.cloud_layer_tokens = result.full_layer_tokens = positions * num_layers
     result.escalations = len(tokens)
     return result
-
-
-def _chunk_token_ids(chunk: dict) -> list[int]:
-    """Token ids from a streamed completion chunk, wherever this server puts them."""
-    out: list[int] = []
-    for choice in chunk.get("choices", []):
-        for key in ("token_ids", "tokens"):
-            value = choice.get(key)
-            if isinstance(value, list) and all(isinstance(v, int) for v in value):
-                out.extend(value)
-                break
-        else:
-            if isinstance(choice.get("token_id"), int):
-                out.append(choice["token_id"])
-    if not out and isinstance(chunk.get("token_ids"), list):
-        out = [int(v) for v in chunk["token_ids"]]
-    return out
 
 
 # --------------------------------------------------------------------------------------------------- what-if model

@@ -22,13 +22,6 @@ ROOT = Path(__file__).resolve().parent.parent
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def real_cloud_available() -> bool:
-    """Whether this checkout has the cloud server (`offramp cloud serve`) and its WebSocket link."""
-    import importlib.util
-
-    return all(importlib.util.find_spec(m) is not None for m in ("offramp.cloud.server", "offramp.edge.ws_link"))
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,14 +73,10 @@ class CloudServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    stub: bool = False  # True: scripts/bench_cloud_stub.py instead of `offramp cloud serve`
-
     def command(self) -> list[str]:
-        if self.stub:
-            return [sys.executable, str(ROOT / "scripts" / "bench_cloud_stub.py"), "--model", self.model,
-                    "--exit-layer", str(self.exit_layer), "--host", "127.0.0.1", "--port", str(self.port)]
         return [sys.executable, "-m", "offramp.shared.cli", "cloud", "serve", "--model", self.model,
-                "--exit-layer", str(self.exit_layer), "--host", "127.0.0.1", "--port", str(self.port), *self.extra_args]
+                "--exit-layer", str(self.exit_layer), "--host", "127.0.0.1", "--port", str(self.port),
+                "--threads", "1", *self.extra_args]
 
     def start(self, timeout_s: float = 240.0) -> "CloudServer":
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
