@@ -28,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="requests per batched forward")
     p.add_argument("--batch-window-ms", type=float, default=d.batch_window_s * 1000, help="wait for more requests to batch")
     p.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
+    p.add_argument("--load-in-8bit", action="store_true", help="int8 decoder-layer weights via bitsandbytes (the gpu extra)")
     p.add_argument("--ssl-cert", type=Path, default=None, help="serve wss:// with this certificate (PEM)")
     p.add_argument("--ssl-key", type=Path, default=None, help="private key for --ssl-cert (PEM)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
@@ -56,6 +57,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         batch_window_s=args.batch_window_ms / 1000,
         device=args.device,
+        load_in_8bit=args.load_in_8bit,
         ssl_cert=args.ssl_cert,
         ssl_key=args.ssl_key,
     )

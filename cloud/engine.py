@@ -52,11 +52,16 @@ class DeepResult:
     length: int  # positions the cloud now holds for the session
 
 
+def device_for(device: str | None) -> torch.device:
+    """The named torch device, else CUDA when present, else CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 class DeepEngine:
     """Layers K..N-1 for many sessions, on CUDA in half precision when present, else CPU fp32."""
 
     def __init__(self, cloud: CloudPart, contexts: ContextManager, device: str | None = None, dtype: torch.dtype | None = None) -> None:
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = device_for(device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.cloud = cloud.to(device=self.device, dtype=self.dtype).eval()
         self.contexts = contexts

@@ -28,7 +28,7 @@ from offramp.cloud.completions import handle_completions, error_response
 from offramp.cloud.config import CloudConfig
 from offramp.cloud.context import ContextManager, SessionContext, SessionLimitError, SessionOwnerError
 from offramp.cloud.edge_connection import EdgeConnection
-from offramp.cloud.engine import DeepEngine
+from offramp.cloud.engine import DeepEngine, device_for
 from offramp.cloud.metrics import CloudMetrics
 from offramp.shared import protocol as p
 from offramp.shared.codecs import CODECS
@@ -69,6 +69,10 @@ class CloudState:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="offramp-cloud")
         contexts = ContextManager(cfg.kv_budget_bytes, cfg.session_ttl_s, cfg.max_sessions)
         contexts.on_evict = self._on_evict
+        if cfg.load_in_8bit:
+            from offramp.cloud.int8_weights import quantize_linear_layers
+
+            quantize_linear_layers(self.model.model.layers, device_for(cfg.device))
         self.engine = DeepEngine(CloudPart(self.model, cfg.exit_layer), contexts, device=cfg.device)
         full = CloudPart(self.model, 0, whole_model=True)
         self.full_engine = DeepEngine(full, ContextManager(cfg.kv_budget_bytes, cfg.session_ttl_s), device=cfg.device)
@@ -187,6 +191,7 @@ class CloudState:
             "deep_layers": self.deep_layers,
             "device": str(self.engine.device),
             "dtype": str(self.engine.dtype).replace("torch.", ""),
+            "weights": "int8 (bitsandbytes)" if self.config.load_in_8bit else str(self.engine.dtype).replace("torch.", ""),
             "sessions": len(self.engine.contexts),
             "kv_bytes": self.engine.contexts.nbytes,
             "kv_budget_bytes": self.config.kv_budget_bytes,
