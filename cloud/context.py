@@ -15,25 +15,26 @@ from dataclasses import dataclass, field
 import torch
 
 from offramp.models.decoder import KV
+from offramp.shared import protocol as p
 from offramp.shared.errors import OfframpError
 
 
 class SessionError(OfframpError):
     """Base of session-level refusals the server turns into error frames."""
 
-    code = "session_error"
+    code = p.INTERNAL  # subclasses name the refusal
 
 
 class UnknownSessionError(SessionError):
-    code = "unknown_session"
+    code = p.UNKNOWN_SESSION
 
 
 class SessionOwnerError(SessionError):
-    code = "forbidden"
+    code = p.FORBIDDEN
 
 
 class SessionLimitError(SessionError):
-    code = "too_many_sessions"
+    code = p.TOO_MANY_SESSIONS
 
 
 @dataclass

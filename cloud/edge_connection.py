@@ -3,6 +3,14 @@
 Requests are handled concurrently (escalations of different sessions meet in the batcher), but those of one
 session in arrival order: a per-session lock is taken before the first await of each handler, and asyncio
 starts tasks in creation order. Every failure becomes an Error (or Evicted) frame; the connection stays up.
+
+What each kind of bad input gets (codes from `offramp.shared.protocol`): undecodable or mistyped frames and
+frames only the cloud sends -> `bad_frame`; over --max-frame-bytes -> `frame_too_large` (a frame so large the
+WebSocket layer will not buffer it, over the limit + 64 KiB, closes the connection with close code 1009); an
+unserved codec -> `bad_codec`; a payload that is not [rows, hidden] finite floats, or drives the deep layers to
+non-finite logits -> `bad_hidden` (the session's KV is untouched); positions past the context -> `bad_positions`;
+another client's session -> `forbidden`; over a session limit -> `too_many_sessions`. An upload for a session
+the cloud does not hold, or starting past what it holds, is not an error: `Evicted` says where to re-upload from.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ class EdgeConnection:
             if msg.type == WSMsgType.BINARY:
                 self.state.metrics.bytes_in.inc(len(msg.data))
                 if len(self.tasks) >= MAX_INFLIGHT_PER_CONNECTION:
-                    await self.send_error(_peek_id(msg.data), "overloaded", f"more than {MAX_INFLIGHT_PER_CONNECTION} requests in flight on this connection")
+                    await self.send_error(_peek_id(msg.data), p.OVERLOADED, f"more than {MAX_INFLIGHT_PER_CONNECTION} requests in flight on this connection")
                     continue
                 task = asyncio.create_task(self._handle(msg.data))
                 self.tasks.add(task)
@@ -84,9 +92,11 @@ class EdgeConnection:
         await self.ws.close(code=1008, message=code.encode()[:100])
 
     async def send(self, frame: p.Frame) -> None:
+        await self._send_data(p.encode_frame(frame))
+
+    async def _send_data(self, data: bytes) -> None:
         if self.ws.closed:
             return
-        data = p.encode_frame(frame)
         self.state.metrics.bytes_out.inc(len(data))
         try:
             await self.ws.send_bytes(data)
@@ -109,18 +119,18 @@ class EdgeConnection:
             return
         async with self.state.session_lock(session):
             try:
-                reply = await self._dispatch(frame)
-            except SessionError as exc:
+                data = p.encode_frame(await self._dispatch(frame))  # encoding checks our own reply too
+            except (SessionError, p.ProtocolError) as exc:
                 await self.send_error(frame.id, exc.code, str(exc))
                 return
             except CodecError as exc:
-                await self.send_error(frame.id, "bad_hidden", str(exc))
+                await self.send_error(frame.id, p.BAD_CODEC if isinstance(frame, p.Open) else p.BAD_HIDDEN, str(exc))
                 return
             except Exception as exc:  # a bug must not take the connection down; say so and keep serving
                 log.exception("internal error on %s frame", frame.type)
                 await self.send_error(frame.id, p.INTERNAL, f"{type(exc).__name__}: {exc}")
                 return
-        await self.send(reply)
+        await self._send_data(data)
 
     async def _dispatch(self, frame: p.Frame) -> p.Frame:
         state = self.state
@@ -135,7 +145,7 @@ class EdgeConnection:
             return p.Closed(frame.id, frame.session)
         if isinstance(frame, (p.Upload, p.Escalate)):
             return await self._extend(frame)
-        raise p.ProtocolError(f"unexpected frame type {frame.type}")
+        raise p.ProtocolError(f"an edge does not send {frame.type} frames")
 
     async def _extend(self, frame: p.Upload | p.Escalate) -> p.Frame:
         state = self.state

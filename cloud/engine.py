@@ -15,13 +15,14 @@ import torch
 
 from offramp.cloud.context import ContextManager, SessionContext, SessionError
 from offramp.models.split import CloudPart
+from offramp.shared.protocol import BAD_HIDDEN, BAD_POSITIONS, CONTEXT_MISSING
 from offramp.shared.sampling import SamplingParams, pick_token
 
 
 class ContextMismatchError(SessionError):
     """The edge sent positions from `start` but the cloud holds fewer; the edge must re-upload from `have`."""
 
-    code = "context_missing"
+    code = CONTEXT_MISSING
 
     def __init__(self, session_id: str, start: int, have: int) -> None:
         super().__init__(f"session {session_id!r}: upload starts at position {start} but the cloud holds {have}")
@@ -29,7 +30,13 @@ class ContextMismatchError(SessionError):
 
 
 class PositionError(SessionError):
-    code = "bad_positions"
+    code = BAD_POSITIONS
+
+
+class BadHiddenError(SessionError):
+    """Hidden states that drive the deep layers to non-finite logits: refused, and the session's KV is left as it was."""
+
+    code = BAD_HIDDEN
 
 
 @dataclass
@@ -73,6 +80,8 @@ class DeepEngine:
         """Validate a request against its session; roll the session back if the edge did."""
         if req.hidden.ndim != 2 or req.hidden.shape[1] != self.hidden_size:
             raise PositionError(f"hidden states must be [n, {self.hidden_size}], got {list(req.hidden.shape)}")
+        if not np.isfinite(req.hidden).all():
+            raise BadHiddenError(f"session {req.session_id!r}: hidden states contain NaN or inf")
         n = req.hidden.shape[0]
         if n == 0 and req.want_token:
             raise PositionError("an escalation needs at least one position")
@@ -96,6 +105,7 @@ class DeepEngine:
         positions = torch.arange(req.start, req.start + n, device=self.device)[None]
         logits, present = self.cloud(hidden, positions, ctx.kv)
         self.layer_tokens += n * self.cloud.num_layers
+        _check_logits(req, logits[0])  # before the commit: a refused request leaves the session as it was
         self.contexts.commit(ctx, present, req.start + n)
         return self.result(req, logits[0], ctx.length)
 
@@ -132,12 +142,15 @@ class DeepEngine:
                 ready.append((i, req, ctx))
         if len(ready) == 1:
             i, req, _ = ready[0]
-            out[i] = self.extend(req)
+            try:
+                out[i] = self.extend(req)
+            except SessionError as exc:
+                out[i] = exc
         elif ready:
             for i, result in zip((i for i, _, _ in ready), self._forward_padded([(r, c) for _, r, c in ready])):
                 out[i] = result
 
-    def _forward_padded(self, items: list[tuple[ExtendRequest, SessionContext]]) -> list[DeepResult]:
+    def _forward_padded(self, items: list[tuple[ExtendRequest, SessionContext]]) -> list[DeepResult | SessionError]:
         """Pad caches to the longest past P and new rows to the longest n; a mask hides the padding."""
         dev, dt = self.device, self.dtype
         pasts = [ctx.length for _, ctx in items]
@@ -168,9 +181,14 @@ class DeepEngine:
                         values[b, :, : pasts[b]] = ctx.kv[layer][1][0]
                 past.append((keys, values))
         logits, present = self.cloud(hidden, positions, past, attn_mask=mask)
-        results = []
+        results: list[DeepResult | SessionError] = []
         for b, (req, ctx) in enumerate(items):
             p, n = pasts[b], news[b]
+            try:  # rows of a batch never mix, so one bad request is refused alone
+                _check_logits(req, logits[b, :n])
+            except BadHiddenError as exc:
+                results.append(exc)
+                continue
             kv = [
                 (torch.cat([k[b : b + 1, :, :p], k[b : b + 1, :, P : P + n]], dim=2),
                  torch.cat([v[b : b + 1, :, :p], v[b : b + 1, :, P : P + n]], dim=2))
@@ -192,3 +210,9 @@ class DeepEngine:
         if req.want_token:
             token = pick_token(logits[-1].cpu().numpy(), req.sampling, req.u)
         return DeepResult(req.start, predicted.tolist(), chosen.tolist(), token, length)
+
+
+def _check_logits(req: ExtendRequest, logits: torch.Tensor) -> None:
+    """Finite inputs can still overflow in the deep layers (huge values); such a result must not reach the KV."""
+    if not bool(torch.isfinite(logits).all()):
+        raise BadHiddenError(f"session {req.session_id!r}: these hidden states drive the deep layers to non-finite logits")

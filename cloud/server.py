@@ -10,12 +10,12 @@ loop only moves frames. SIGTERM drains: no new sessions, in-flight requests fini
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import ssl
 import time
-from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +43,7 @@ DRAIN_TIMEOUT_S = 30.0
 
 
 class DrainingError(SessionLimitError):
-    code = "draining"
+    code = p.DRAINING
 
 
 @dataclass
@@ -87,7 +87,7 @@ class CloudState:
         self.deep_layers = self.engine.cloud.num_layers
         self.codecs = sorted(CODECS)
         self.stop_ids = stop_token_ids(self.tokenizer) if self.tokenizer is not None else ()
-        self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._locks: dict[str, list] = {}  # session -> [lock, users]; only while someone holds or waits
         self._loop: asyncio.AbstractEventLoop | None = None
         self.connections: set[EdgeConnection] = set()
         self.completions_inflight = 0
@@ -122,8 +122,21 @@ class CloudState:
 
     # -- sessions --------------------------------------------------------------------------------------
 
-    def session_lock(self, session: str) -> asyncio.Lock:
-        return self._locks[session]
+    @contextlib.asynccontextmanager
+    async def session_lock(self, session: str) -> AsyncIterator[None]:
+        """Serialize one session's requests in arrival order; the lock lives only while it has users, so session
+        ids that were never opened (a fuzzer, a confused edge) cost no memory once answered."""
+        entry = self._locks.get(session)
+        if entry is None:
+            entry = self._locks[session] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._locks[session]
 
     def session_codec(self, session: str, owner: str) -> str | None:
         entry = self.session_codecs.get(session)
@@ -154,7 +167,6 @@ class CloudState:
         await self.run_serial(self.engine.contexts.close, session, owner)
         self.session_codecs.pop(session, None)
         self.session_conn.pop(session, None)
-        self._locks.pop(session, None)
         self._update_gauges()
 
     async def run_serial(self, fn: Callable, *args: Any) -> Any:

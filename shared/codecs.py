@@ -84,7 +84,11 @@ class Int8AbsmaxCodec:
         if not np.isfinite(scale).all():
             raise CodecError("int8: scales contain NaN or inf")
         q = np.frombuffer(payload, dtype=np.int8, offset=4 * rows).reshape(rows, width)
-        return q.astype(np.float32) * scale[:, None]
+        with np.errstate(over="ignore"):
+            out = q.astype(np.float32) * scale[:, None]
+        if not np.isfinite(out).all():  # a finite scale near float32's max overflows times 127
+            raise CodecError(f"int8: scales up to {float(np.abs(scale).max()):.3g} overflow float32 when applied")
+        return out
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,8 @@ class Int8OutlierCodec:
         values = np.frombuffer(payload, dtype="<f2", count=rows * self.k, offset=offset + 2 * rows * self.k)
         if rows and int(idx.max()) >= width:
             raise CodecError(f"{self.name}: outlier channel index {int(idx.max())} outside width {width}")
-        out = q.astype(np.float32) * scale[:, None]
+        with np.errstate(over="ignore"):
+            out = q.astype(np.float32) * scale[:, None]
         out[np.arange(rows)[:, None], idx] = values.reshape(rows, self.k).astype(np.float32)
         if not np.isfinite(out).all():
             raise CodecError(f"{self.name}: decoded hidden states contain NaN or inf")

@@ -29,14 +29,27 @@ MAX_SESSION_ID = 128
 MAX_ID = (1 << 63) - 1
 MAX_TOP_K = 20
 
-# Error codes (the `code` of an Error frame)
-BAD_FRAME = "bad_frame"
-VERSION_MISMATCH = "version_mismatch"
-MODEL_MISMATCH = "model_mismatch"
-NOT_HELLO = "hello_required"
-UNAUTHORIZED = "unauthorized"
-FRAME_TOO_LARGE = "frame_too_large"
-INTERNAL = "internal"
+# Error codes (the `code` of an Error frame). Every refusal carries one of these; ERROR_CODES lists them all.
+BAD_FRAME = "bad_frame"  # not msgpack, not a map, unknown type or field, a field of the wrong type or range
+VERSION_MISMATCH = "version_mismatch"  # hello: another protocol version
+MODEL_MISMATCH = "model_mismatch"  # hello: another model fingerprint, exit layer or hidden size
+NOT_HELLO = "hello_required"  # the first frame was not a hello (or none came in time)
+UNAUTHORIZED = "unauthorized"  # missing or wrong bearer token (HTTP 401 before the upgrade)
+FRAME_TOO_LARGE = "frame_too_large"  # over the server's --max-frame-bytes
+BAD_CODEC = "bad_codec"  # open: a hidden-state codec the cloud does not serve
+BAD_HIDDEN = "bad_hidden"  # a payload that does not decode to [rows, hidden] finite floats, or yields non-finite logits
+BAD_POSITIONS = "bad_positions"  # positions outside 0..max_positions-1
+UNKNOWN_SESSION = "unknown_session"
+CONTEXT_MISSING = "context_missing"  # positions from `start` but the cloud holds fewer (answered as Evicted)
+FORBIDDEN = "forbidden"  # the session belongs to another client (token)
+TOO_MANY_SESSIONS = "too_many_sessions"  # the per-client or total session limit
+DRAINING = "draining"  # the cloud is shutting down and takes no new sessions
+OVERLOADED = "overloaded"  # too many requests in flight on one connection
+INTERNAL = "internal"  # a bug; the connection stays up
+ERROR_CODES = frozenset({
+    BAD_FRAME, VERSION_MISMATCH, MODEL_MISMATCH, NOT_HELLO, UNAUTHORIZED, FRAME_TOO_LARGE, BAD_CODEC, BAD_HIDDEN,
+    BAD_POSITIONS, UNKNOWN_SESSION, CONTEXT_MISSING, FORBIDDEN, TOO_MANY_SESSIONS, DRAINING, OVERLOADED, INTERNAL,
+})
 
 
 class ProtocolError(OfframpError, ValueError):

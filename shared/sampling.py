@@ -37,7 +37,11 @@ def pick_token(logits: np.ndarray, params: SamplingParams, u: float = 0.0) -> in
     """Greedy argmax, or inverse-CDF sampling with draw `u` in [0, 1) after temperature and top-p."""
     if params.greedy:
         return int(np.argmax(logits))
-    probs = softmax(logits / params.temperature)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        scaled = logits / params.temperature
+    if not np.isfinite(scaled).all():  # a temperature so small the logits overflow: that is greedy
+        return int(np.argmax(logits))
+    probs = softmax(scaled)
     order = np.argsort(-probs, kind="stable")
     sorted_probs = probs[order]
     cum = np.cumsum(sorted_probs)
