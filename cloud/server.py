@@ -22,7 +22,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode, web
 
-from offramp.cloud.auth import BearerAuth, check_bind, read_token
+from offramp.cloud.auth import BearerAuth, check_bind, read_tokens
 from offramp.cloud.batcher import Batcher
 from offramp.cloud.completions import handle_completions, error_response
 from offramp.cloud.config import CloudConfig
@@ -94,14 +94,14 @@ class CloudState:
 
     @classmethod
     def load(cls, config: CloudConfig) -> "CloudState":
-        """Load the model named in the config, read the token, refuse an unsafe bind."""
+        """Load the model named in the config, read the client tokens, refuse an unsafe bind."""
         from offramp.models import load_model
         from offramp.models.fingerprint import model_fingerprint
 
-        token = read_token(config.token_file)
-        check_bind(config.host, token)
+        tokens = read_tokens(config.token_file)
+        check_bind(config.host, tokens)
         model, tokenizer = load_model(config.model)
-        return cls(config, model, tokenizer, model_fingerprint(model), BearerAuth(token), model_name=config.model)
+        return cls(config, model, tokenizer, model_fingerprint(model), BearerAuth(tokens), model_name=config.model)
 
     # -- handshake -------------------------------------------------------------------------------------
 

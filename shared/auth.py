@@ -27,15 +27,40 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def read_token_file(path: Path | str) -> str:
-    """The token in `path`, whitespace stripped; the token itself never appears in errors."""
+def _read_text(path: Path | str) -> str:
     try:
-        token = Path(path).read_text(encoding="utf-8").strip()
+        return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise AuthConfigError(f"cannot read token file {str(path)!r}: {exc.__class__.__name__}") from None
+
+
+def read_token_file(path: Path | str) -> str:
+    """The one token in `path`, whitespace stripped (what a client sends); the token never appears in errors."""
+    token = _read_text(path).strip()
     if not token:
         raise AuthConfigError(f"token file {str(path)!r} is empty")
+    if any(c.isspace() for c in token):
+        raise AuthConfigError(f"token file {str(path)!r} holds more than one word; a client's token file holds one token")
     return token
+
+
+def read_token_list(path: Path | str) -> list[str]:
+    """The tokens in `path`, one a line, for a server with several clients (blank and '#' lines skipped).
+
+    Errors name the file and the line, never a token."""
+    tokens: list[str] = []
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
+        token = line.strip()
+        if not token or token.startswith("#"):
+            continue
+        if any(c.isspace() for c in token):
+            raise AuthConfigError(f"token file {str(path)!r} line {number}: a token cannot contain whitespace")
+        if token in tokens:
+            raise AuthConfigError(f"token file {str(path)!r} line {number}: the same token appears twice")
+        tokens.append(token)
+    if not tokens:
+        raise AuthConfigError(f"token file {str(path)!r} is empty")
+    return tokens
 
 
 def read_token(path: Path | str | None, env: str) -> str | None:
