@@ -4,6 +4,7 @@ It decodes through the same engine code and batcher as edge sessions (a `CloudPa
 cloud-only and collaborative requests are served alike and the baseline is as strong as the cloud can make it.
 OpenAI-shaped: text or token-id prompt, `max_tokens`, `temperature`, `top_p`, `seed`, `stream` (SSE chunks
 ending with `data: [DONE]`); each choice also carries `token_ids` so a benchmark can compare tokens exactly.
+At most `max_sessions` completions run at once; one more is answered 429 (`too_many_sessions`).
 """
 
 from __future__ import annotations
@@ -113,6 +114,10 @@ async def handle_completions(request: web.Request) -> web.StreamResponse:
         req = CompletionRequest.parse(body, state)
     except CompletionRequestError as exc:
         return error_response(400, str(exc))
+    limit = state.config.max_sessions
+    if state.completions_inflight >= limit:  # each holds a whole-model session: the same cap as edge sessions
+        state.metrics.errors.labels("too_many_sessions").inc()
+        return error_response(429, f"{state.completions_inflight} completions are running, this cloud's limit ({limit}); retry shortly", "too_many_sessions")
     state.metrics.completions.inc()
     state.completions_inflight += 1
     try:
