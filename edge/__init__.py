@@ -13,6 +13,7 @@ _EXPORTS = {
     "AsyncClient": "offramp.edge.client",
     "Completion": "offramp.edge.client",
     "ClientError": "offramp.edge.client",
+    "GenerateOptions": "offramp.edge.client",
     "LocalEngine": "offramp.edge.local",
 }
 

@@ -24,9 +24,12 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from offramp.shared.errors import OfframpError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 DEFAULT_URL = "http://127.0.0.1:8710"
 Prompt = str | Sequence[dict[str, Any]]
@@ -72,20 +75,51 @@ class Completion:
         return cls(text, finish, offramp.get("token_ids"), list(offramp.get("sources") or []), stats, dict(usage), offramp.get("mode"))
 
 
+class GenerateOptions(TypedDict, total=False):
+    """What every SDK call takes besides the prompt, with OpenAI's names and meanings.
+
+    chat (False): send the prompt through the model's chat template (a string or a list of messages);
+    max_tokens (the daemon's default; 64 in-process); temperature (0.0: greedy); top_p (1.0); stop (a string or
+    several); seed (for reproducible sampling); system (a system message, with chat=True).
+    """
+
+    chat: bool
+    max_tokens: int | None
+    temperature: float
+    top_p: float
+    stop: str | Sequence[str] | None
+    seed: int | None
+    system: str | None
+
+
+def chat_messages(prompt: Prompt, system: str | None) -> list[dict[str, Any]]:
+    """A string becomes one user message; a system message goes first."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def completion_prompt(prompt: Prompt) -> str:
+    if not isinstance(prompt, str):
+        raise TypeError(f"a completion prompt must be a string (pass chat=True for messages), got {type(prompt).__name__}")
+    return prompt
+
+
 def request_body(
     prompt: Prompt,
     *,
-    chat: bool,
     model: str | None,
-    max_tokens: int | None,
-    temperature: float,
-    top_p: float,
-    stop: str | Sequence[str] | None,
-    seed: int | None,
-    system: str | None,
     stream: bool,
+    chat: bool = False,
+    max_tokens: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: str | Sequence[str] | None = None,
+    seed: int | None = None,
+    system: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """(path, JSON body) for a prompt: chat sends messages (a string becomes one user message), else a completion."""
+    """(path, JSON body) for a prompt: chat sends messages, else a completion."""
     body: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "stream": stream}
     if model is not None:
         body["model"] = model
@@ -96,14 +130,9 @@ def request_body(
     if seed is not None:
         body["seed"] = seed
     if chat:
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
-        if system is not None:
-            messages.insert(0, {"role": "system", "content": system})
-        body["messages"] = messages
+        body["messages"] = chat_messages(prompt, system)
         return "/v1/chat/completions", body
-    if not isinstance(prompt, str):
-        raise TypeError(f"a completion prompt must be a string (pass chat=True for messages), got {type(prompt).__name__}")
-    body["prompt"] = prompt
+    body["prompt"] = completion_prompt(prompt)
     return "/v1/completions", body
 
 
@@ -218,42 +247,14 @@ class Client:
     def models(self) -> list[str]:
         return [m["id"] for m in self._json("GET", "/v1/models")["data"]]
 
-    def generate(
-        self,
-        prompt: Prompt,
-        *,
-        chat: bool = False,
-        max_tokens: int | None = None,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: str | Sequence[str] | None = None,
-        seed: int | None = None,
-        system: str | None = None,
-    ) -> Completion:
-        """Generate to the end. `chat=True` sends the prompt through the model's chat template (a string or messages)."""
-        path, body = request_body(
-            prompt, chat=chat, model=self.model, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-            stop=stop, seed=seed, system=system, stream=False,
-        )
+    def generate(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Completion:
+        """Generate to the end; `options` are `GenerateOptions` (chat=True uses the model's chat template)."""
+        path, body = request_body(prompt, model=self.model, stream=False, **options)
         return Completion.from_response(self._json("POST", path, body))
 
-    def stream(
-        self,
-        prompt: Prompt,
-        *,
-        chat: bool = False,
-        max_tokens: int | None = None,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: str | Sequence[str] | None = None,
-        seed: int | None = None,
-        system: str | None = None,
-    ) -> TextStream:
+    def stream(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> TextStream:
         """Text pieces as they are decided; the returned stream's `completion` has the statistics at the end."""
-        path, body = request_body(
-            prompt, chat=chat, model=self.model, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-            stop=stop, seed=seed, system=system, stream=True,
-        )
+        path, body = request_body(prompt, model=self.model, stream=True, **options)
         resp = self._open("POST", path, body)
         return TextStream(resp, resp.close)
 
@@ -348,40 +349,12 @@ class AsyncClient:
     async def models(self) -> list[str]:
         return [m["id"] for m in (await self._json("GET", "/v1/models"))["data"]]
 
-    async def generate(
-        self,
-        prompt: Prompt,
-        *,
-        chat: bool = False,
-        max_tokens: int | None = None,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: str | Sequence[str] | None = None,
-        seed: int | None = None,
-        system: str | None = None,
-    ) -> Completion:
+    async def generate(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Completion:
         """See `Client.generate`."""
-        path, body = request_body(
-            prompt, chat=chat, model=self.model, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-            stop=stop, seed=seed, system=system, stream=False,
-        )
+        path, body = request_body(prompt, model=self.model, stream=False, **options)
         return Completion.from_response(await self._json("POST", path, body))
 
-    def stream(
-        self,
-        prompt: Prompt,
-        *,
-        chat: bool = False,
-        max_tokens: int | None = None,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: str | Sequence[str] | None = None,
-        seed: int | None = None,
-        system: str | None = None,
-    ) -> AsyncTextStream:
+    def stream(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> AsyncTextStream:
         """`async for piece in client.stream(...)`: text pieces as they are decided."""
-        path, body = request_body(
-            prompt, chat=chat, model=self.model, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-            stop=stop, seed=seed, system=system, stream=True,
-        )
+        path, body = request_body(prompt, model=self.model, stream=True, **options)
         return AsyncTextStream(lambda: self._request("POST", path, body))

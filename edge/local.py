@@ -19,15 +19,18 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from offramp.edge.client import Completion, Prompt
+from offramp.edge.client import Completion, GenerateOptions, Prompt, chat_messages, completion_prompt
 from offramp.edge.sessions import EdgeService, EngineConfig, TextRequest, TextResult
 from offramp.shared.sampling import SamplingParams
 
-_DONE = object()
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+DEFAULT_MAX_TOKENS = 64
 
 
 def completion_from_result(result: TextResult, exit_layer: int, threshold: float) -> Completion:
@@ -159,35 +162,27 @@ class LocalEngine:
         """Which head, rule and threshold (and where the threshold came from) this engine exits with."""
         return self.service.exit_setup.describe()
 
-    def _request(
-        self,
-        prompt: Prompt,
-        chat: bool,
-        max_tokens: int,
-        temperature: float,
-        top_p: float,
-        stop: str | Sequence[str] | None,
-        seed: int | None,
-        system: str | None,
-    ) -> TextRequest:
-        if chat:
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
-            if system is not None:
-                messages.insert(0, {"role": "system", "content": system})
-            ids = self.service.encode_chat(messages)
-        elif isinstance(prompt, str):
-            ids = self.service.encode_text(prompt)
+    def _request(self, prompt: Prompt, options: GenerateOptions) -> TextRequest:
+        unknown = set(options) - set(GenerateOptions.__annotations__)
+        if unknown:
+            raise TypeError(f"unknown generation options {sorted(unknown)}; known: {sorted(GenerateOptions.__annotations__)}")
+        if options.get("chat", False):
+            ids = self.service.encode_chat(chat_messages(prompt, options.get("system")))
         else:
-            raise TypeError(f"a completion prompt must be a string (pass chat=True for messages), got {type(prompt).__name__}")
+            ids = self.service.encode_text(completion_prompt(prompt))
         if not ids:
             raise ValueError("the prompt encodes to no tokens")
         room = self.service.max_positions - len(ids)
         if room < 1:
             raise ValueError(f"the prompt is {len(ids)} tokens; the context length is {self.service.max_positions}")
+        max_tokens = options.get("max_tokens")
+        max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        stop = options.get("stop")
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        return TextRequest(ids, min(max_tokens, room), SamplingParams(temperature, top_p), seed, stops)
+        sampling = SamplingParams(options.get("temperature", 0.0), options.get("top_p", 1.0))
+        return TextRequest(ids, min(max_tokens, room), sampling, options.get("seed"), stops)
 
     def _start(self, request: TextRequest, put: Any, cancel: threading.Event) -> None:
         """Run one generation on the engine's loop, pushing ("piece", str) / ("done", Completion) / ("error", exc)."""
@@ -214,77 +209,33 @@ class LocalEngine:
 
         asyncio.run_coroutine_threadsafe(pump(), self._loop)
 
-    def generate(
-        self,
-        prompt: Prompt,
-        *,
-        chat: bool = False,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: str | Sequence[str] | None = None,
-        seed: int | None = None,
-        system: str | None = None,
-    ) -> Completion:
+    def generate(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Completion:
         """Generate to the end (blocking). Same arguments and result as `Client.generate`."""
-        stream = self.stream(prompt, chat=chat, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed, system=system)
+        stream = self.stream(prompt, **options)
         for _ in stream:
             pass
         assert stream.completion is not None
         return stream.completion
 
-    def stream(
-        self,
-        prompt: Prompt,
-        *,
-        chat: bool = False,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: str | Sequence[str] | None = None,
-        seed: int | None = None,
-        system: str | None = None,
-    ) -> LocalStream:
+    def stream(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> LocalStream:
         """Text pieces as they are decided (blocking iterator)."""
-        request = self._request(prompt, chat, max_tokens, temperature, top_p, stop, seed, system)
+        request = self._request(prompt, options)
         items: queue.Queue[Any] = queue.Queue()
         cancel = threading.Event()
         self._start(request, items.put, cancel)
         return LocalStream(items, cancel)
 
-    async def agenerate(
-        self,
-        prompt: Prompt,
-        *,
-        chat: bool = False,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: str | Sequence[str] | None = None,
-        seed: int | None = None,
-        system: str | None = None,
-    ) -> Completion:
+    async def agenerate(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Completion:
         """`generate` for asyncio code (any loop)."""
-        stream = self.astream(prompt, chat=chat, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed, system=system)
+        stream = self.astream(prompt, **options)
         async for _ in stream:
             pass
         assert stream.completion is not None
         return stream.completion
 
-    def astream(
-        self,
-        prompt: Prompt,
-        *,
-        chat: bool = False,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: str | Sequence[str] | None = None,
-        seed: int | None = None,
-        system: str | None = None,
-    ) -> AsyncLocalStream:
+    def astream(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> AsyncLocalStream:
         """`async for piece in engine.astream(...)`."""
-        request = self._request(prompt, chat, max_tokens, temperature, top_p, stop, seed, system)
+        request = self._request(prompt, options)
         return AsyncLocalStream(lambda put, cancel: self._start(request, put, cancel))
 
     def close(self) -> None:
