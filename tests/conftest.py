@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -38,3 +40,21 @@ def make_tiny_llama(num_layers: int = 4, seed: int = 0, **overrides) -> LlamaFor
 @pytest.fixture(scope="session")
 def tiny_model() -> LlamaForCausalLM:
     return make_tiny_llama()
+
+
+def save_tiny_checkpoint(path: Path, num_layers: int = 4, seed: int = 0, **overrides) -> Path:
+    """A tiny random Llama plus a word-level tokenizer ("t0".."t{V-1}", no EOS) saved where `--model DIR` loads it.
+
+    Real processes (`offramp cloud serve`, `offramp edge serve`) start in seconds on it, and with no stop token a
+    generation always runs to max_tokens, so fault tests can count on its length.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model = make_tiny_llama(num_layers, seed, **overrides)
+    vocab = {f"t{i}": i for i in range(model.config.vocab_size)}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    model.save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t0").save_pretrained(path)
+    return path
