@@ -278,3 +278,31 @@ async def test_cloud_restarted_between_escalations_loses_nothing(full_model, liv
     assert link.reconnects >= 1
     assert escalated_positions(live_cloud) >= len(PROMPT) + 20  # rebuilt from position 0, not just the new token
 
+
+async def test_cloud_sigterm_mid_generation_exits_cleanly_and_the_edge_falls_back(full_model, live_cloud, emulated_link) -> None:  # noqa: F811
+    """SIGTERM the cloud while an edge is generating: the cloud drains and exits 0 in bounded time even though
+    the edge keeps its connection open; the generation completes, on the edge alone once the cloud is gone."""
+    link = edge_link(full_model, f"ws://127.0.0.1:{emulated_link.port}")
+    tokens, sources = [], []
+    exited: asyncio.Future | None = None
+    started = 0.0
+    try:
+        async for event in decoder(full_model, link).stream(PROMPT, DecodeOptions(max_new_tokens=400, threshold=2.0)):
+            tokens.append(event.token_id)
+            sources.append(event.source)
+            if len(tokens) == 10:
+                started = time.monotonic()
+                live_cloud.server.proc.send_signal(signal.SIGTERM)
+                exited = asyncio.ensure_future(asyncio.to_thread(live_cloud.server.proc.wait, EXIT_BOUND_S))
+            if exited is not None and not exited.done():
+                await asyncio.sleep(0.005)  # keep the generation alive until the cloud is gone
+        assert exited is not None
+        rc = await exited
+    finally:
+        await link.aclose()
+        live_cloud.kill()  # only if it hung; the next test starts a fresh one
+    assert rc == 0 and time.monotonic() - started < EXIT_BOUND_S, live_cloud.log()[-2000:]
+    assert "offramp cloud: stopped" in live_cloud.log()
+    assert len(tokens) == 400 and sources[:10] == [CLOUD] * 10
+    first = sources.index(FALLBACK)
+    assert set(sources[first:]) == {FALLBACK}, runs(sources)  # nothing half-done after the cloud left
