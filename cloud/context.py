@@ -84,7 +84,9 @@ class ContextManager:
 
     @property
     def nbytes(self) -> int:
-        return sum(ctx.nbytes for ctx in self._sessions.values())
+        """Safe to read from another thread (the server's event loop, while its worker commits): list() copies the
+        sessions in one step under the GIL, where iterating the dict itself would race the worker's changes."""
+        return sum(ctx.nbytes for ctx in list(self._sessions.values()))
 
     def open(self, session_id: str, owner: str = "") -> SessionContext:
         """Create (or re-open, for the same owner) a session."""

@@ -77,3 +77,30 @@ def test_truncate_drops_later_positions() -> None:
     cm.commit(ctx, kv(10), 10)
     ctx.truncate(4)
     assert ctx.length == 4 and ctx.kv[0][0].shape[2] == 4
+
+
+def test_nbytes_can_be_read_while_the_worker_thread_changes_sessions() -> None:
+    """The server reads nbytes on its event loop (gauges, /healthz) while its worker thread opens, commits and
+    closes sessions; under load that raised 'OrderedDict mutated during iteration' into a close frame's reply."""
+    import threading
+
+    cm = ContextManager(budget_bytes=20 * 1280)
+    stop = threading.Event()
+
+    def worker() -> None:
+        i = 0
+        while not stop.is_set():
+            sid = f"s{i % 40}"
+            cm.commit(cm.open(sid), kv(10), 10)
+            if i % 3 == 0:
+                cm.close(f"s{(i + 7) % 40}")
+            i += 1
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        for _ in range(20000):
+            assert 0 <= cm.nbytes <= 21 * 1280
+    finally:
+        stop.set()
+        thread.join()
