@@ -119,7 +119,7 @@ class EdgeConnection:
             return
         async with self.state.session_lock(session):
             try:
-                data = p.encode_frame(await self._dispatch(frame))  # encoding checks our own reply too
+                reply = await self._dispatch(frame)
             except (SessionError, p.ProtocolError) as exc:
                 await self.send_error(frame.id, exc.code, str(exc))
                 return
@@ -129,6 +129,12 @@ class EdgeConnection:
             except Exception as exc:  # a bug must not take the connection down; say so and keep serving
                 log.exception("internal error on %s frame", frame.type)
                 await self.send_error(frame.id, p.INTERNAL, f"{type(exc).__name__}: {exc}")
+                return
+            try:
+                data = p.encode_frame(reply)  # checks our own reply too: a bug here is ours, not the edge's
+            except p.ProtocolError as exc:
+                log.exception("the cloud built an invalid %s frame", reply.type)
+                await self.send_error(frame.id, p.INTERNAL, f"the cloud built an invalid reply: {exc}")
                 return
         await self._send_data(data)
 
