@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_modes as bm  # noqa: E402
 import bench_report  # noqa: E402
+from offramp.edge.assemble import resolve_precision  # noqa: E402
+from offramp.shared.tokens import stop_token_ids  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE_NAMES = ("lan", "wan", "cellular")
@@ -38,23 +40,30 @@ PROFILE_NAMES = ("lan", "wan", "cellular")
 
 @dataclass
 class BenchConfig:
-    """Everything one run measures; the defaults are the full bench, `quick()` the 3-minute one."""
+    """Everything one run measures; the defaults are the full bench, `quick_config()` the 3-minute one."""
 
     model: str = "default"
     prompts: int = 16
     max_new_tokens: int = 64
     profiles: list[str] = field(default_factory=lambda: list(PROFILE_NAMES))
-    exit_layers: list[int] = field(default_factory=lambda: [15, 25])
+    exit_layers: list[int] = field(default_factory=lambda: [15, 26])
     thresholds: list[float] = field(default_factory=lambda: [0.8, 0.95, 2.0])  # 2.0 never exits: the split's ceiling
     codecs: list[str] = field(default_factory=lambda: ["int8o", "int8", "fp16", "fp32"])  # int8o: see shared/codecs.py
     codec_threshold: float | None = None  # the threshold the codec comparison runs at (default: the middle one)
-    edge_precisions: list[str] = field(default_factory=lambda: ["int8", "fp32"])  # first: the sweep's; others at K0
+    # The first is the sweep's: fp32, because int8 edge graphs' layer-K states cost agreement (edge/assemble.py
+    # resolve_precision); the others run at K0 and the codec threshold. Edge-only runs the standalone int8 graph.
+    edge_precisions: list[str] = field(default_factory=lambda: ["fp32", "int8"])
+    # Decode loops (bench_modes.LOOPS) run beside the plain loop at each K, at its calibrated threshold (else the
+    # codec threshold); lossless also at the lowest threshold, where the edge drafts the most.
+    loops: list[str] = field(default_factory=lambda: ["draft", "eager", "eager+draft", "lossless"])
+    draft_ahead: int = 8  # edge tokens drafted while an escalation is in flight, at most
+    max_draft: int = 8  # lossless: drafts verified per round trip
     heads: str = "auto"  # auto: trained exit heads + calibrated rule where present; none: final-norm baseline
     cloud: str = "serve"  # serve | inprocess
     clients: list[int] = field(default_factory=lambda: [1, 4, 16, 32])
     clients_profile: str = "wan"
     grid_profile: str = "wan"  # the full grid runs here; other profiles get cloud-only + the `followup_top` best settings
-    followup_top: int = 2  # <= 0: the full grid on every profile
+    followup_top: int = 6  # the fastest faithful setting of each loop first (see followup_settings); <= 0: the full grid
     requests_per_client: int = 1
     edge_step_bench: bool = True
     out_root: Path = ROOT / "bench-results"
@@ -62,22 +71,31 @@ class BenchConfig:
 
     @classmethod
     def quick_config(cls) -> "BenchConfig":
-        return cls(prompts=4, max_new_tokens=24, exit_layers=[20], thresholds=[0.6, 0.9], codecs=["int8o", "fp16"],
-                   edge_precisions=["int8"], clients=[1, 4], quick=True)
+        return cls(prompts=4, max_new_tokens=24, profiles=["wan"], exit_layers=[26], thresholds=[0.9], codecs=["int8o"],
+                   edge_precisions=["fp32"], loops=["draft", "lossless"], clients=[1, 4], quick=True)
 
-    def collaborative_settings(self, calibrated: dict[int, float] | None = None) -> list[tuple[int, float, str, str]]:
-        """(K, threshold, codec, edge precision): every threshold (and K's calibrated one) at every K with the first
-        codec and precision; the other codecs at one threshold; the other precisions at every threshold of K0."""
+    def collaborative_settings(self, calibrated: dict[int, float] | None = None) -> list[bm.Setting]:
+        """Every threshold (and K's calibrated one) at every K with the first codec and precision, plain loop; the
+        other loops at each K's calibrated threshold; the other codecs and precisions at K0 and one threshold."""
         calibrated = calibrated or {}
+        ct = self.codec_threshold if self.codec_threshold is not None else sorted(self.thresholds)[len(self.thresholds) // 2]
 
         def thresholds(k: int) -> list[float]:
             return sorted(set(self.thresholds) | ({round(calibrated[k], 4)} if k in calibrated else set()))
 
-        k0, c0, p0 = self.exit_layers[0], self.codecs[0], self.edge_precisions[0]
-        settings = [(k, t, c0, p0) for k in self.exit_layers for t in thresholds(k)]
-        ct = self.codec_threshold if self.codec_threshold is not None else sorted(self.thresholds)[len(self.thresholds) // 2]
-        settings += [(k0, ct, c, p0) for c in self.codecs[1:]]
-        settings += [(k0, t, c0, p) for p in self.edge_precisions[1:] for t in thresholds(k0)]
+        def setting(loop: str, k: int, t: float, codec: str | None = None, precision: str | None = None) -> bm.Setting:
+            return bm.Setting.with_loop(loop, k, t, codec or self.codecs[0], precision or self.edge_precisions[0],
+                                        self.draft_ahead, self.max_draft)
+
+        k0 = self.exit_layers[0]
+        settings = [setting("plain", k, t) for k in self.exit_layers for t in thresholds(k)]
+        for k in self.exit_layers:
+            at = round(calibrated[k], 4) if k in calibrated else ct
+            settings += [setting(loop, k, at) for loop in self.loops]
+            if "lossless" in self.loops:
+                settings.append(setting("lossless", k, min(thresholds(k))))
+        settings += [setting("plain", k0, ct, codec=c) for c in self.codecs[1:]]
+        settings += [setting("plain", k0, ct, precision=p) for p in self.edge_precisions[1:]]
         return list(dict.fromkeys(settings))
 
 
@@ -98,27 +116,42 @@ class Edge:
         self.num_layers = self.model.config.num_hidden_layers
         self.hidden_size = self.model.config.hidden_size
         self.judge = bm.AgreementJudge(self.model)
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        self.stop_ids = [eos] if eos is not None else []
+        # Where the cloud's completions endpoint stops too (offramp.shared.tokens), so both modes end alike.
+        self.stop_ids = list(stop_token_ids(self.tokenizer)) if hasattr(self.tokenizer, "get_vocab") else []
         self._runtimes: dict[tuple[int, str], object] = {}
-        self._confidence: dict[int, object] = {}
+        self._setups: dict[int, object] = {}
         self.precision_used: dict[str, str] = {}
         self.exit_rule: dict[int, str] = {}
         self.calibrated: dict[int, float] = {}  # K -> the threshold `offramp calibrate` chose
+        self.notes: list[str] = []  # what the report must say (e.g. no trained head: the final-norm rule measured)
+
+    def exit_setup(self, k: int):
+        """The trained exit head for K and its calibrated rule (`offramp train-exits` / `calibrate`, found the way
+        `offramp generate` finds them) unless `--heads none`; without them the final-norm head and max-prob."""
+        if k not in self._setups:
+            from offramp.edge.exit_setup import resolve_exit_setup
+
+            setup = resolve_exit_setup(self.model, k, use_trained=self.cfg.heads != "none")
+            self._setups[k] = setup
+            d = setup.describe()
+            self.exit_rule[k] = f"{d['head']}, {d['rule']} rule, threshold {d['threshold']:.4g} ({d['threshold_source']})"
+            if setup.threshold_source == "calibrated":
+                self.calibrated[k] = float(setup.threshold)
+            elif self.cfg.heads != "none":
+                self.notes.append(f"K={k}: no calibrated trained exit head under {self._artifacts(k)}; "
+                                  "the final-norm head with max-prob is measured instead (run offramp train-exits and calibrate)"
+                                  if setup.head_dir is None else f"K={k}: trained head {setup.head_dir} is not calibrated")
+                print(f"[bench] note: {self.notes[-1]}", flush=True)
+        return self._setups[k]
+
+    def _artifacts(self, k: int) -> Path:
+        from offramp.models.fingerprint import model_fingerprint
+        from offramp.shared.paths import artifacts_dir
+
+        return artifacts_dir(model_fingerprint(self.model), k)
 
     def head_dir(self, k: int) -> Path | None:
-        """The trained exit head for K (`offramp train-exits`' default place) unless `--heads none`."""
-        if self.cfg.heads == "none":
-            return None
-        try:
-            from offramp.models import model_fingerprint
-            from offramp.models.train_exits import default_head_dir
-        except ImportError:
-            return None
-        if not hasattr(self, "_fingerprint"):
-            self._fingerprint = model_fingerprint(self.model)
-        d = default_head_dir(self._fingerprint, k)
-        return d if (d / "head.json").is_file() else None
+        return self.exit_setup(k).head_dir
 
     def runtime(self, k: int, precision: str | None = None):
         """The edge runtime for K: the ONNX graph at `precision` (one intra-op thread), else PyTorch."""
@@ -133,41 +166,22 @@ class Edge:
                 used = "torch"
                 rt = self._build(k, used, head_dir)
             self._runtimes[(k, precision)] = rt
-            self.precision_used[f"K{k}/{precision}"] = used + ("" if head_dir is None else f" + trained head {head_dir.name}")
+            self.precision_used[f"K{k}/{precision}"] = used + ("" if head_dir is None else f" + trained head {head_dir}")
         return self._runtimes[(k, precision)]
 
     def _build(self, k: int, precision: str, head_dir: Path | None):
-        if precision == "torch":
-            from offramp.edge.torch_runtime import TorchEdgeRuntime
-            from offramp.models.split import EdgePart
+        if precision == "torch":  # carries the edge identity the WebSocket hello needs, like an ONNX manifest
+            from offramp.edge.assemble import build_edge_runtime
 
-            head = None
-            if head_dir is not None:
-                from offramp.models.exit_heads import load_head
-
-                head, _ = load_head(head_dir, self.model)
-            return TorchEdgeRuntime(EdgePart(self.model, k, head))
+            return build_edge_runtime(self.model, k, "torch", self.cfg.model, head_dir=head_dir)
         from offramp.edge.onnx_runtime import OnnxEdgeRuntime, ensure_edge_graph
 
         graph = ensure_edge_graph(self.cfg.model, k, precision, head_dir=head_dir, model=self.model, progress=False)
         return OnnxEdgeRuntime(graph, intra_op_threads=1)
 
-    def confidence(self, k: int):
-        """The exit rule stored with the head (calibrated when `router.json` exists), else max-softmax."""
-        if k not in self._confidence:
-            fn, rule_name = bm.max_prob_confidence, "max-prob (uncalibrated)"
-            try:
-                from offramp.models.router import load_exit_rule
-
-                rule = load_exit_rule(self.head_dir(k))
-                fn = rule.confidence
-                rule_name = f"{rule.kind}" + (f", calibrated threshold {rule.threshold:.3g}" if rule.kind != "max_prob" else "")
-                if rule.kind != "max_prob":
-                    self.calibrated[k] = float(rule.threshold)
-            except ImportError:
-                pass
-            self._confidence[k], self.exit_rule[k] = fn, rule_name
-        return self._confidence[k]
+    def confidence(self, k: int) -> bm.Confidence:
+        """The exit rule's confidence for K (calibrated logistic router, or max-prob)."""
+        return self.exit_setup(k).rule.confidence
 
     def judge_result(self, prompt: bm.BenchPrompt, result: bm.RequestResult, max_new_tokens: int) -> None:
         """Teacher-forced agreement and exact match against the full model."""
@@ -203,7 +217,7 @@ class InProcessBackend:
     async def cloud_only(self, prompt: bm.BenchPrompt, n: int) -> bm.RequestResult:
         return bm.run_cloud_only_inprocess(self.edge.model, prompt, n, self.edge.stop_ids)
 
-    async def open_link(self, k: int, codec: str):
+    async def open_link(self, k: int, codec: str, precision: str):
         from offramp.edge.assemble import build_local_link
 
         return build_local_link(self.edge.model, k, codec)
@@ -214,7 +228,7 @@ class InProcessBackend:
 class ServedBackend:
     """Real `offramp cloud serve` processes, one per exit layer, each behind its own link-emulator process."""
 
-    name = "serve"
+    name = "offramp cloud serve"
 
     def __init__(self, edge: Edge, cfg: BenchConfig, out: Path) -> None:
         from bench_procs import CloudServer, EmulatedLink
@@ -256,10 +270,10 @@ class ServedBackend:
         url = f"http://127.0.0.1:{self.links[self.base_k].port}/v1/completions"
         return await bm.run_cloud_only_http(self._http, url, prompt, n, self.edge.num_layers)
 
-    async def open_link(self, k: int, codec: str):
+    async def open_link(self, k: int, codec: str, precision: str):
         from offramp.edge.ws_link import WebSocketCloudLink
 
-        runtime = self.edge.runtime(k)
+        runtime = self.edge.runtime(k, precision)
         return WebSocketCloudLink(f"ws://127.0.0.1:{self.links[k].port}", codec=codec,
                                   manifest=getattr(runtime, "manifest", None))
 
@@ -279,19 +293,19 @@ class ModeRunner:
     this machine lands on every mode alike instead of on whichever mode happened to run then.
     """
 
-    def __init__(self, backend, edge: Edge, cfg: BenchConfig, profile: str, mode: str, k: int | None = None,
-                 threshold: float | None = None, codec: str | None = None, traces: dict | None = None,
-                 precision: str | None = None) -> None:
+    def __init__(self, backend, edge: Edge, cfg: BenchConfig, profile: str, mode: str,
+                 setting: bm.Setting | None = None, traces: dict | None = None) -> None:
+        """`setting`: the collaborative one, or for edge-only its K and precision; none for cloud-only."""
         self.backend, self.edge, self.cfg = backend, edge, cfg
-        self.profile, self.mode, self.k, self.threshold, self.codec = profile, mode, k, threshold, codec
-        self.precision = precision or (cfg.edge_precisions[0] if mode != "cloud-only" else None)
+        self.profile, self.mode, self.setting = profile, mode, setting
         self.traces = traces
         self.link: bm.CountingLink | None = None
         self.results: list[bm.RequestResult] = []
 
     async def open(self) -> None:
         if self.mode == "collaborative":
-            self.link = bm.CountingLink(await self.backend.open_link(self.k, self.codec), record=self.traces is not None)
+            link = await self.backend.open_link(self.setting.exit_layer, self.setting.codec, self.setting.edge_precision)
+            self.link = bm.CountingLink(link, record=self.traces is not None)
 
     async def close(self) -> None:
         if self.link is not None:
@@ -302,11 +316,11 @@ class ModeRunner:
         n = self.cfg.max_new_tokens
         if self.mode == "cloud-only":
             return await self.backend.cloud_only(prompt, n)
-        runtime = self.edge.runtime(self.k if self.k is not None else self.cfg.exit_layers[0], self.precision)
+        runtime = self.edge.runtime(self.setting.exit_layer, self.setting.edge_precision)
         if self.link is not None:
             self.link.mark()
-        result = await bm.run_collaborative(runtime, self.link, self.edge.num_layers, prompt, n,
-                                            self.threshold if self.threshold is not None else 2.0, self.edge.stop_ids,
+        options = self.setting.decode_options(n, self.edge.stop_ids)
+        result = await bm.run_collaborative(runtime, self.link, self.edge.num_layers, prompt, options,
                                             self.edge.confidence(runtime.exit_layer))
         if self.link is not None and self.traces is not None:
             self.traces[prompt.prompt_id] = (list(self.link.trace), time.perf_counter() - self.link._last, result.tokens, result.latency_s)
@@ -314,7 +328,7 @@ class ModeRunner:
 
     async def run(self, prompt: bm.BenchPrompt, measure: bool = True) -> bm.RequestResult | None:
         """One request; its cloud CPU seconds and wire bytes are read around it (nothing else runs meanwhile)."""
-        cloud_k = self.k if self.mode == "collaborative" else None
+        cloud_k = self.setting.exit_layer if self.mode == "collaborative" else None
         counted = self.mode != "edge-only"
         cpu0 = self.backend.cpu(cloud_k) if counted else None
         wire0 = self.backend.wire(cloud_k) if counted else None
@@ -335,11 +349,10 @@ class ModeRunner:
         return result
 
     def row(self) -> bm.ModeRow:
-        row = bm.aggregate(bm.ModeRow(self.mode, self.profile, self.k, self.threshold, self.codec, self.precision),
-                           self.results, 0.0)
+        row = bm.aggregate(bm.ModeRow.of(self.mode, self.profile, self.setting), self.results, 0.0)
         if self.mode == "edge-only":
             row.cloud_cpu_s, row.wire_up, row.wire_down = 0.0, 0, 0
-        print(f"[bench] {self.profile:>8} {row.key:<22} p50 {row.latency_p50_s:6.2f}s ttft {row.ttft_p50_s:5.3f}s "
+        print(f"[bench] {self.profile:>8} {row.key:<36} p50 {row.latency_p50_s:6.2f}s ttft {row.ttft_p50_s:5.3f}s "
               f"agree {row.agreement:6.1%} exit {row.exit_rate:5.1%} layer-tok {row.cloud_layer_tokens} "
               f"up/tok {row.bytes_up_per_token:7.0f}B errors {row.errors}", flush=True)
         return row
@@ -363,19 +376,20 @@ async def run_interleaved(runners: list[ModeRunner], prompts) -> list[bm.ModeRow
 
 
 async def run_mode(backend, edge: Edge, cfg: BenchConfig, prompts, profile: str, mode: str,
-                   k: int | None = None, threshold: float | None = None, codec: str | None = None,
-                   traces: dict | None = None, precision: str | None = None) -> bm.ModeRow:
+                   setting: bm.Setting | None = None) -> bm.ModeRow:
     """One mode alone over every prompt."""
-    runner = ModeRunner(backend, edge, cfg, profile, mode, k, threshold, codec, traces, precision)
+    runner = ModeRunner(backend, edge, cfg, profile, mode, setting)
     return (await run_interleaved([runner], prompts))[0]
 
 
-async def run_clients(backend, edge: Edge, cfg: BenchConfig, prompts, traces: dict, setting: tuple[int, float, str] | None) -> list[dict]:
+async def run_clients(backend, edge: Edge, cfg: BenchConfig, prompts, traces: dict, setting: bm.Setting | None) -> list[dict]:
     """N concurrent clients, cloud-only vs collaborative (replayed edges), on `cfg.clients_profile`.
 
     Collaborative clients replay recorded edge traces: the same uploads at the same moments, with the edge's
     compute as a sleep. N real edges would be N devices; running N edge runtimes on this machine's two cores
-    would measure CPU contention, not the cloud. Cloud-only clients are plain streaming HTTP clients.
+    would measure CPU contention, not the cloud. Cloud-only clients are plain streaming HTTP clients. A replay
+    waits for every reply in turn (eager catch-up's background uploads included), so it is the loop's
+    sequential shape at the recorded gaps.
     """
     if isinstance(backend, InProcessBackend):
         return []
@@ -385,7 +399,7 @@ async def run_clients(backend, edge: Edge, cfg: BenchConfig, prompts, traces: di
         for mode in ("cloud-only", "collaborative"):
             if mode == "collaborative" and (setting is None or not traces):
                 continue
-            k = setting[0] if mode == "collaborative" else None
+            k = setting.exit_layer if mode == "collaborative" else None
             jobs = [(c, prompts[(c + r) % len(prompts)]) for c in range(n_clients) for r in range(cfg.requests_per_client)]
             cpu0, wire0 = backend.cpu(k), backend.wire(k)
             started = time.perf_counter()
@@ -398,7 +412,7 @@ async def run_clients(backend, edge: Edge, cfg: BenchConfig, prompts, traces: di
                     return res
             else:
                 async def client(c: int) -> list:
-                    link = await backend.open_link(setting[0], setting[2])
+                    link = await backend.open_link(setting.exit_layer, setting.codec, setting.edge_precision)
                     res = []
                     try:
                         for cc, prompt in jobs:
@@ -418,8 +432,7 @@ async def run_clients(backend, edge: Edge, cfg: BenchConfig, prompts, traces: di
                 "wall_s": wall, "throughput_tok_s": tokens / wall if wall > 0 else 0.0,
                 "latency_p50_s": bm.percentile(lat, 50), "latency_p99_s": bm.percentile(lat, 99),
                 "cloud_cpu_s": (backend.cpu(k) - cpu0) if cpu0 is not None else None,
-                "setting": None if mode == "cloud-only" else {"exit_layer": setting[0], "threshold": setting[1],
-                                                              "codec": setting[2], "edge_precision": setting[3]},
+                "setting": None if mode == "cloud-only" else {**asdict(setting), "key": setting.key},
             }
             if wire0 is not None:
                 w = backend.wire(k)
@@ -442,9 +455,9 @@ async def replay(link, trace, prompt: bm.BenchPrompt) -> bm.RequestResult:
     first = None
     await link.open_session(session)
     try:
-        for gap, start, hidden in events:
+        for gap, start, hidden, want_token in events:
             await asyncio.sleep(gap)
-            await link.extend(session, start, hidden, True, SamplingParams(), 0.0)
+            await link.extend(session, start, hidden, want_token, SamplingParams(), 0.0)
             first = first or time.perf_counter() - started
         await asyncio.sleep(tail)
     finally:
@@ -521,16 +534,29 @@ async def run_bench(cfg: BenchConfig, out: Path) -> dict:
     backend = InProcessBackend(edge) if cfg.cloud == "inprocess" else ServedBackend(edge, cfg, out)
     profiles = ["inprocess"] if cfg.cloud == "inprocess" else cfg.profiles
     rows: list[bm.ModeRow] = []
-    traces: dict[tuple, dict] = {}
+    traces: dict[bm.Setting, dict] = {}
     clients: list[dict] = []
+    phases: list[dict] = []  # when each phase ended and the machine's load then: other work shares these cores
+
+    def mark(name: str) -> None:
+        phases.append({"phase": name, "end_s": round(time.perf_counter() - t_start, 1), "load1": os.getloadavg()[0]})
+        print(f"[bench] {name} done at {phases[-1]['end_s']:.0f} s (load {phases[-1]['load1']:.1f})", flush=True)
+
     backend.start()
+    mark("start")
     try:
         for k in cfg.exit_layers:  # exit rules (and calibrated thresholds) first: they add settings
-            edge.confidence(k)
+            edge.exit_setup(k)
         grid = cfg.collaborative_settings(edge.calibrated)
-        for k, _, _, p in grid:  # build (and export) every edge runtime before any timing
-            edge.runtime(k, p)
-        edge_only = await run_mode(backend, edge, cfg, prompts, "none", "edge-only", cfg.exit_layers[0])
+        print(f"[bench] {len(grid)} collaborative settings on {cfg.grid_profile}", flush=True)
+        # Edge-only runs what a lone edge would: the int8 graph (the PyTorch runtime when that is the sweep's).
+        standalone = "torch" if cfg.edge_precisions[0] == "torch" else resolve_precision("auto", "none")
+        alone = [bm.Setting(k, 0.0, "none", standalone) for k in cfg.exit_layers]  # no link: every token exits
+        for s in grid + alone:
+            edge.runtime(s.exit_layer, s.edge_precision)  # build (and export) every edge runtime before any timing
+        mark("edge runtimes")
+        edge_only = [await run_mode(backend, edge, cfg, prompts, "none", "edge-only", s) for s in alone]
+        mark("edge-only")
         order = sorted(profiles, key=lambda p: p != cfg.grid_profile)  # the grid profile first
         for profile in order:
             backend.set_profile(profile)
@@ -538,21 +564,24 @@ async def run_bench(cfg: BenchConfig, out: Path) -> dict:
             if cfg.followup_top > 0 and profile != order[0]:
                 settings = bm.followup_settings([r for r in rows if r.profile == order[0]], cfg.followup_top)
             runners = [ModeRunner(backend, edge, cfg, profile, "cloud-only")]
-            for k, t, c, p in settings:
-                rec = traces.setdefault((k, t, c, p), {}) if profile == cfg.clients_profile else None
-                runners.append(ModeRunner(backend, edge, cfg, profile, "collaborative", k, t, c, rec, p))
+            for s in settings:
+                rec = traces.setdefault(s, {}) if profile == cfg.clients_profile else None
+                runners.append(ModeRunner(backend, edge, cfg, profile, "collaborative", s, rec))
             rows += await run_interleaved(runners, prompts)
-            rows.append(bm.ModeRow(**{**asdict(edge_only), "profile": profile}))
+            rows += [bm.ModeRow(**{**asdict(e), "profile": profile}) for e in edge_only]
+            mark(profile)
         bm.compare_to_baseline(rows)
         best = {p: bm.best_setting(rows, p) for p in profiles}
         target = best.get(cfg.clients_profile) or next(
             (r for r in rows if r.profile == cfg.clients_profile and r.mode == "collaborative"), None)
-        setting = (target.exit_layer, target.threshold, target.codec, target.edge_precision) if target is not None else None
+        setting = target.setting() if target is not None else None
         clients = await run_clients(backend, edge, cfg, prompts, traces.get(setting, {}), setting)
+        mark("clients")
         await backend.close()
     finally:
         backend.stop()
     edge_step = edge_step_microbench(cfg, out, edge) if cfg.edge_step_bench else {}
+    mark("edge step")
     results = {
         "meta": {
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -564,7 +593,8 @@ async def run_bench(cfg: BenchConfig, out: Path) -> dict:
             "edge_precision": {str(k): v for k, v in edge.precision_used.items()},
             "exit_rule": {str(k): v for k, v in edge.exit_rule.items()},
             "cloud": cfg.cloud if cfg.cloud == "inprocess" else backend.name, "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+            "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "phases": phases,
+            "notes": edge.notes,
             "git": _git_rev(), "elapsed_s": time.perf_counter() - t_start,
             "agreement_definition": "teacher-forced: share of emitted tokens equal to the full model's greedy choice after the same prefix",
         },
@@ -597,7 +627,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds", default=None, help="comma list")
     p.add_argument("--codecs", default=None, help="comma list; the first is used for the threshold sweep")
     p.add_argument("--codec-threshold", type=float, default=None)
-    p.add_argument("--edge-precisions", default=None, help="comma list of int8, fp32, torch; the first is the sweep's")
+    p.add_argument("--edge-precisions", default=None, help="comma list of fp32, int8, torch; the first is the sweep's")
+    p.add_argument("--loops", default=None, help=f"comma list of decode loops beside plain, from {bm.LOOPS}")
+    p.add_argument("--draft-ahead", type=int, default=None, help="draft loops: edge tokens drafted per round trip at most")
+    p.add_argument("--max-draft", type=int, default=None, help="lossless: drafts verified per round trip at most")
     p.add_argument("--grid-profile", default=None, help="the profile that runs every setting (default wan)")
     p.add_argument("--followup-top", type=int, default=None, help="settings the other profiles run (<= 0: all)")
     p.add_argument("--cloud", default=None, choices=["serve", "inprocess"])
@@ -617,7 +650,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     strs = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     for name, conv in (("model", str), ("prompts", int), ("max_new_tokens", int), ("profiles", strs),
                        ("exit_layers", ints), ("thresholds", floats), ("codecs", strs), ("codec_threshold", float),
-                       ("edge_precisions", strs), ("grid_profile", str), ("followup_top", int), ("heads", str), ("cloud", str), ("clients", ints), ("clients_profile", str),
+                       ("edge_precisions", strs), ("loops", strs), ("draft_ahead", int), ("max_draft", int), ("grid_profile", str), ("followup_top", int), ("heads", str), ("cloud", str), ("clients", ints), ("clients_profile", str),
                        ("requests_per_client", int)):
         value = getattr(args, name)
         if value is not None:
@@ -629,6 +662,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     unknown = set(cfg.profiles) - set(PROFILE_NAMES) - {"none"}
     if unknown:
         raise SystemExit(f"unknown profiles {sorted(unknown)}")
+    if set(cfg.loops) - set(bm.LOOPS):
+        raise SystemExit(f"unknown decode loops {sorted(set(cfg.loops) - set(bm.LOOPS))}; known: {bm.LOOPS}")
     if cfg.clients_profile not in cfg.profiles:
         cfg.clients_profile = cfg.profiles[0]
     if cfg.grid_profile not in cfg.profiles:

@@ -8,11 +8,9 @@ takes a `CloudLink` or a completions URL and does not care what is behind it.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -122,11 +120,51 @@ class AgreementJudge:
         return sum(int(a == b) for a, b in zip(preds, output)), len(output)
 
 
-def reference_greedy(model, prompt: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int]) -> list[int]:
-    """The full model's own greedy output, in process (the exact-match reference)."""
-    from offramp.cloud.full_model import FullModelRunner
+# --------------------------------------------------------------------------------------------------- settings
 
-    return list(FullModelRunner(model).generate_ids(list(prompt), max_new_tokens, stop_ids=stop_ids))
+LOOPS = ("plain", "draft", "eager", "eager+draft", "lossless")  # decode-loop variants a setting can run
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One collaborative configuration: where the model is split, when the edge exits, how states are encoded,
+    and how the decode loop runs (`DecodeOptions`: catch-up, drafting while an escalation is in flight, lossless)."""
+
+    exit_layer: int
+    threshold: float
+    codec: str
+    edge_precision: str
+    catch_up: str = "lazy"
+    draft_ahead: int = 0
+    lossless: bool = False
+    max_draft: int = 8  # lossless only: drafts verified per round trip
+
+    @classmethod
+    def with_loop(cls, loop: str, exit_layer: int, threshold: float, codec: str, edge_precision: str,
+                  draft_ahead: int = 8, max_draft: int = 8) -> "Setting":
+        """A setting from a loop name in `LOOPS`."""
+        if loop not in LOOPS:
+            raise ValueError(f"unknown decode loop {loop!r}; known: {LOOPS}")
+        return cls(exit_layer, threshold, codec, edge_precision, catch_up="eager" if "eager" in loop else "lazy",
+                   draft_ahead=draft_ahead if "draft" in loop else 0, lossless=loop == "lossless",
+                   max_draft=max_draft if loop == "lossless" else 8)
+
+    @property
+    def loop(self) -> str:
+        """plain | draft<N> | eager | eager+draft<N> | lossless<N>: the loop options in one word."""
+        if self.lossless:
+            return f"lossless{self.max_draft}"
+        parts = (["eager"] if self.catch_up == "eager" else []) + ([f"draft{self.draft_ahead}"] if self.draft_ahead else [])
+        return "+".join(parts) or "plain"
+
+    @property
+    def key(self) -> str:
+        return f"K{self.exit_layer}/t{self.threshold:g}/{self.codec}/{self.edge_precision}/{self.loop}"
+
+    def decode_options(self, max_new_tokens: int, stop_ids: Sequence[int]) -> DecodeOptions:
+        return DecodeOptions(max_new_tokens=max_new_tokens, threshold=self.threshold, stop_ids=list(stop_ids),
+                             catch_up=self.catch_up, draft_ahead=self.draft_ahead, lossless=self.lossless,
+                             max_draft=self.max_draft)
 
 
 # --------------------------------------------------------------------------------------------------- one request
@@ -141,6 +179,9 @@ class RequestResult:
     edge_exits: int = 0
     escalations: int = 0
     fallback_tokens: int = 0
+    drafted_tokens: int = 0  # draft-ahead: edge tokens decoded during a round trip and kept
+    draft_rollbacks: int = 0  # draft-ahead: round trips whose answer threw the drafts away
+    rejected_drafts: int = 0  # lossless: drafts the full model disagreed with (or that followed one)
     cloud_layer_tokens: int = 0
     full_layer_tokens: int = 0
     payload_up: int = 0  # what the link counted (codec payloads); wire bytes come from the proxy
@@ -198,7 +239,7 @@ class CountingLink:
         self.positions = 0
         self.calls = 0
         self.record = record
-        self.trace: list[tuple[float, int, np.ndarray]] = []  # (gap since the previous reply, start, hidden)
+        self.trace: list[tuple[float, int, np.ndarray, bool]] = []  # (gap since the previous reply, start, hidden, want_token)
         self.rtt_s: list[float] = []  # duration of each extend call, in order
         self._last = time.perf_counter()
 
@@ -216,7 +257,7 @@ class CountingLink:
     async def extend(self, session_id, start, hidden, want_token, sampling, u):
         gap = time.perf_counter() - self._last
         if self.record:
-            self.trace.append((gap, start, np.array(hidden, copy=True)))
+            self.trace.append((gap, start, np.array(hidden, copy=True), bool(want_token)))
         t = time.perf_counter()
         try:
             return await self.inner.extend(session_id, start, hidden, want_token, sampling, u)
@@ -238,16 +279,13 @@ async def run_collaborative(
     link: CloudLink | None,
     total_layers: int,
     prompt: BenchPrompt,
-    max_new_tokens: int,
-    threshold: float,
-    stop_ids: Sequence[int],
+    options: DecodeOptions,
     confidence: Confidence = max_prob_confidence,
 ) -> RequestResult:
     """One generation with the real decode loop; `link=None` is edge-only."""
     counting = CountingLink(link) if link is not None and not isinstance(link, CountingLink) else link
     timed = TimedRuntime(runtime)
     decoder = CollaborativeDecoder(timed, counting, total_layers, confidence)
-    options = DecodeOptions(max_new_tokens=max_new_tokens, threshold=threshold, stop_ids=list(stop_ids))
     before = (counting.positions, counting.calls, len(counting.rtt_s)) if counting is not None else (0, 0, 0)
     started = time.perf_counter()
     tokens: list[int] = []
@@ -267,8 +305,8 @@ async def run_collaborative(
     }
     return RequestResult(
         prompt.prompt_id, tokens, s.ttft_s, latency, s.edge_exits, s.escalations, s.fallback_tokens,
-        s.cloud_layer_tokens, s.full_layer_tokens, s.bytes_up, s.bytes_down, after[0] - before[0], after[1] - before[1],
-        timeline=timeline,
+        s.drafted_tokens, s.draft_rollbacks, s.rejected_drafts, s.cloud_layer_tokens, s.full_layer_tokens,
+        s.bytes_up, s.bytes_down, after[0] - before[0], after[1] - before[1], timeline=timeline,
     )
 
 
@@ -389,6 +427,10 @@ class ModeRow:
     threshold: float | None = None
     codec: str | None = None
     edge_precision: str | None = None
+    catch_up: str | None = None  # decode-loop options (collaborative rows)
+    draft_ahead: int | None = None
+    lossless: bool | None = None
+    max_draft: int | None = None
     requests: int = 0
     tokens: int = 0
     latency_p50_s: float = 0.0
@@ -399,6 +441,9 @@ class ModeRow:
     exit_rate: float = 0.0
     escalations: int = 0
     fallback_tokens: int = 0
+    drafted_tokens: int = 0
+    draft_rollbacks: int = 0
+    rejected_drafts: int = 0
     agreement: float = 0.0  # teacher-forced, per token
     exact_match: float = 0.0  # share of prompts whose output is the full model's greedy output
     cloud_layer_tokens: int = 0
@@ -418,11 +463,33 @@ class ModeRow:
     whatif: dict | None = None  # modeled speculative drafting (see simulate_timeline); not a measurement
     per_request: list[dict] = field(default_factory=list)
 
+    @classmethod
+    def of(cls, mode: str, profile: str, setting: Setting | None) -> "ModeRow":
+        """An empty row for a mode; collaborative rows carry their whole setting, edge-only its K and precision."""
+        if setting is None:
+            return cls(mode, profile)
+        if mode != "collaborative":
+            return cls(mode, profile, setting.exit_layer, edge_precision=setting.edge_precision)
+        return cls(mode, profile, setting.exit_layer, setting.threshold, setting.codec, setting.edge_precision,
+                   setting.catch_up, setting.draft_ahead, setting.lossless, setting.max_draft if setting.lossless else None)
+
+    def setting(self) -> Setting | None:
+        if self.mode != "collaborative":
+            return None
+        return Setting(self.exit_layer, self.threshold, self.codec, self.edge_precision, self.catch_up or "lazy",
+                       self.draft_ahead or 0, bool(self.lossless), self.max_draft or 8)
+
+    @property
+    def loop(self) -> str | None:
+        setting = self.setting()
+        return setting.loop if setting is not None else None
+
     @property
     def key(self) -> str:
-        if self.mode != "collaborative":
-            return self.mode
-        return f"K{self.exit_layer}/t{self.threshold:g}/{self.codec}/{self.edge_precision}"
+        if self.mode == "edge-only" and self.exit_layer is not None:
+            return f"edge-only K{self.exit_layer}/{self.edge_precision}"
+        setting = self.setting()
+        return setting.key if setting is not None else self.mode
 
     def up_bytes(self) -> int:
         return self.wire_up if self.wire_up is not None else self.payload_up
@@ -445,7 +512,7 @@ class ModeRow:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(key=self.key, bytes_up_per_token=self.bytes_up_per_token, bytes_down_per_token=self.bytes_down_per_token,
+        d.update(key=self.key, loop=self.loop, bytes_up_per_token=self.bytes_up_per_token, bytes_down_per_token=self.bytes_down_per_token,
                  bytes_up_per_position=self.bytes_up_per_position)
         return d
 
@@ -462,6 +529,9 @@ def aggregate(row: ModeRow, results: Sequence[RequestResult], wall_s: float) -> 
     row.exit_rate = sum(r.edge_exits for r in ok) / max(row.tokens, 1)
     row.escalations = sum(r.escalations for r in ok)
     row.fallback_tokens = sum(r.fallback_tokens for r in ok)
+    row.drafted_tokens = sum(r.drafted_tokens for r in ok)
+    row.draft_rollbacks = sum(r.draft_rollbacks for r in ok)
+    row.rejected_drafts = sum(r.rejected_drafts for r in ok)
     row.agreement = sum(r.agree for r in ok) / max(row.tokens, 1)
     row.exact_match = sum(r.exact for r in ok) / max(len(ok), 1)
     row.cloud_layer_tokens = sum(r.cloud_layer_tokens for r in ok)
@@ -474,7 +544,7 @@ def aggregate(row: ModeRow, results: Sequence[RequestResult], wall_s: float) -> 
         row.cloud_cpu_s = sum(r.cloud_cpu_s for r in ok)
     if ok and all(r.wire_up is not None for r in ok):
         row.wire_up, row.wire_down = sum(r.wire_up for r in ok), sum(r.wire_down for r in ok)
-    row.whatif = whatif(results)
+    row.whatif = whatif(results) if row.loop == "plain" else None  # the model replays the plain loop's timeline
     row.per_request = [
         {k: v for k, v in asdict(r).items() if k not in ("token_ids", "timeline")} | {"tokens": r.tokens} for r in results
     ]
@@ -482,18 +552,24 @@ def aggregate(row: ModeRow, results: Sequence[RequestResult], wall_s: float) -> 
 
 
 def compare_to_baseline(rows: Sequence[ModeRow]) -> None:
-    """Ratios of every row against the cloud-only row of the same profile."""
+    """Ratios of every row against the cloud-only row of the same profile.
+
+    Cloud work is compared per generated token (both sides' totals over the same prompts, divided by the tokens
+    each produced), so a mode that stops earlier on some prompt is not credited with the work it did not do.
+    Layer-tokens count every position the cloud ran, prompt catch-up and re-uploads after a rollback included;
+    cloud CPU seconds are the server process's own (utime + stime), measured around each request.
+    """
     base = {r.profile: r for r in rows if r.mode == "cloud-only"}
     for row in rows:
         b = base.get(row.profile)
-        if b is None:
+        if b is None or row.tokens == 0 or b.tokens == 0:
             continue
         if b.latency_p50_s > 0:
             row.latency_ratio = row.latency_p50_s / b.latency_p50_s
         if b.cloud_layer_tokens > 0:
-            row.cloud_compute_ratio = row.cloud_layer_tokens / b.cloud_layer_tokens
+            row.cloud_compute_ratio = (row.cloud_layer_tokens / row.tokens) / (b.cloud_layer_tokens / b.tokens)
         if row.cloud_cpu_s is not None and b.cloud_cpu_s:
-            row.cloud_cpu_ratio = row.cloud_cpu_s / b.cloud_cpu_s
+            row.cloud_cpu_ratio = (row.cloud_cpu_s / row.tokens) / (b.cloud_cpu_s / b.tokens)
         if row.whatif is not None and b.latency_p50_s > 0:
             row.whatif["speculative_latency_ratio"] = row.whatif["speculative_latency_p50_s"] / b.latency_p50_s
 
@@ -505,12 +581,20 @@ def best_setting(rows: Sequence[ModeRow], profile: str, min_agreement: float = 0
     return min(ok, key=lambda r: (r.latency_ratio, r.cloud_compute_ratio or 1.0)) if ok else None
 
 
-def followup_settings(grid_rows: Sequence[ModeRow], top: int) -> list[tuple[int, float, str, str]]:
-    """The settings the other profiles re-run: the fastest at >= 98% agreement, then the most faithful."""
+def followup_settings(grid_rows: Sequence[ModeRow], top: int) -> list[Setting]:
+    """The settings the other profiles re-run: the fastest at >= 98% agreement of each decode loop (so every loop
+    is compared on every profile), then the fastest faithful ones overall, then the most faithful; `top` in all."""
     collab = [r for r in grid_rows if r.mode == "collaborative" and r.errors == 0]
     good = sorted((r for r in collab if r.agreement >= 0.98), key=lambda r: r.latency_p50_s)
     rest = sorted((r for r in collab if r.agreement < 0.98), key=lambda r: (-r.agreement, r.latency_p50_s))
-    return [(r.exit_layer, r.threshold, r.codec, r.edge_precision) for r in (good + rest)[:top]]
+    per_loop = list({_loop_kind(r): r for r in reversed(good)}.values())[::-1]
+    picked = list(dict.fromkeys(r.setting() for r in per_loop + good + rest))
+    return picked[:top]
+
+
+def _loop_kind(row: ModeRow) -> str:
+    """The loop without its numbers (draft8 and draft4 are one kind)."""
+    return "".join(c for c in row.loop or "" if not c.isdigit())
 
 
 def summary_of(row: ModeRow | None, hidden_size: int) -> dict:
@@ -522,6 +606,11 @@ def summary_of(row: ModeRow | None, hidden_size: int) -> dict:
         "exit_layer": row.exit_layer,
         "codec": row.codec,
         "edge_precision": row.edge_precision,
+        "loop": row.loop,
+        "catch_up": row.catch_up,
+        "draft_ahead": row.draft_ahead,
+        "lossless": row.lossless,
+        "max_draft": row.max_draft,
         "agreement": row.agreement,
         "exact_match": row.exact_match,
         "latency_ratio": row.latency_ratio,
@@ -531,22 +620,7 @@ def summary_of(row: ModeRow | None, hidden_size: int) -> dict:
         "bytes_up_per_position": row.bytes_up_per_position,
         "hidden_size": hidden_size,
         "exit_rate": row.exit_rate,
+        "latency_p50_s": row.latency_p50_s,
+        "ttft_p50_s": row.ttft_p50_s,
     }
 
-
-Judge = Callable[[BenchPrompt, list[int]], tuple[int, int, bool]]
-
-
-async def gather_limited(coros, limit: int):
-    """Run coroutines with at most `limit` at a time (the multi-client driver)."""
-    sem = asyncio.Semaphore(limit)
-
-    async def one(c):
-        async with sem:
-            return await c
-
-    return await asyncio.gather(*(one(c) for c in coros), return_exceptions=True)
-
-
-def median(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else float("nan")

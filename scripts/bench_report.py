@@ -27,34 +27,42 @@ def _pct(value) -> str:
 
 
 def mode_table(rows: list[dict]) -> list[str]:
-    head = ("| mode | K | thr | codec | edge | latency p50 / p90 (s) | TTFT p50 / p90 (s) | tok/s | latency × cloud-only"
+    head = ("| mode | K | thr | codec | edge | loop | latency p50 / p90 (s) | TTFT p50 / p90 (s) | tok/s | latency × cloud-only"
             " | cloud layer-tokens × | cloud CPU s (×) | up B/tok | down B/tok | up B/position | exit rate | agreement | exact | errors"
-            " | draft ok @esc | speculative est. × |")
+            " | drafted / rollbacks / rejected | draft ok @esc | speculative est. × |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in rows:
         w = r.get("whatif") or {}
         cpu = "–" if r.get("cloud_cpu_s") is None else f"{r['cloud_cpu_s']:.1f} ({_f(r.get('cloud_cpu_ratio'))})"
         lines.append(
             f"| {r['mode']} | {_f(r['exit_layer'], '{}')} | {_f(r['threshold'], '{:g}')} | {r['codec'] or '–'} | {r.get('edge_precision') or '–'}"
+            f" | {r.get('loop') or '–'}"
             f" | {r['latency_p50_s']:.2f} / {r['latency_p90_s']:.2f} | {r['ttft_p50_s']:.3f} / {r['ttft_p90_s']:.3f}"
             f" | {r['tokens_per_s']:.1f} | {_f(r.get('latency_ratio'))} | {_f(r.get('cloud_compute_ratio'))} | {cpu}"
             f" | {r['bytes_up_per_token']:.0f} | {r['bytes_down_per_token']:.0f} | {_f(r.get('bytes_up_per_position'), '{:.0f}')}"
             f" | {_pct(r['exit_rate'])} | {_pct(r['agreement'])} | {_pct(r['exact_match'])} | {r['errors']}"
-            f" | {_pct(w.get('draft_agreement_at_escalations'))} | {_f(w.get('speculative_latency_ratio'))} |"
+            f" | {_drafts(r)} | {_pct(w.get('draft_agreement_at_escalations'))} | {_f(w.get('speculative_latency_ratio'))} |"
         )
     return lines
 
 
+def _drafts(r: dict) -> str:
+    if r["mode"] != "collaborative" or r.get("loop") == "plain":
+        return "–"
+    return f"{r.get('drafted_tokens', 0)} / {r.get('draft_rollbacks', 0)} / {r.get('rejected_drafts', 0)}"
+
+
 def summary_table(results: dict) -> list[str]:
-    lines = ["| profile | K | thr | codec | edge | agreement | latency × | cloud layer-tokens × | cloud CPU × | up B/token | up B/position (hidden size) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| profile | K | thr | codec | edge | loop | agreement | latency × | cloud layer-tokens × | cloud CPU × | up B/token | up B/position (hidden size) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in profiles_of(results):
         s = results[p]["summary"]
         if s.get("exit_layer") is None:
-            lines.append(f"| {p} | – | – | – | – | – | – | – | – | – | {s.get('note', '')} |")
+            lines.append(f"| {p} | – | – | – | – | – | – | – | – | – | – | {s.get('note', '')} |")
             continue
         lines.append(
-            f"| {p} | {s['exit_layer']} | {s['threshold']:g} | {s['codec']} | {s.get('edge_precision')} | {_pct(s['agreement'])} | {_f(s['latency_ratio'])}"
+            f"| {p} | {s['exit_layer']} | {s['threshold']:g} | {s['codec']} | {s.get('edge_precision')} | {s.get('loop')}"
+            f" | {_pct(s['agreement'])} | {_f(s['latency_ratio'])}"
             f" | {_f(s['cloud_compute_ratio'])} | {_f(s.get('cloud_cpu_ratio'))} | {_f(s['bytes_up_per_token'], '{:.0f}')}"
             f" | {_f(s.get('bytes_up_per_position'), '{:.0f}')} ({s.get('hidden_size')}) |"
         )
@@ -85,6 +93,11 @@ def edge_step_lines(edge_step: dict) -> list[str]:
     return lines
 
 
+def _load_samples(meta: dict) -> str:
+    phases = meta.get("phases") or []
+    return " (by phase: " + ", ".join(f"{p['phase']} {p['load1']:.1f} at {p['end_s']:.0f} s" for p in phases) + ")" if phases else ""
+
+
 def write_report(results: dict, out: Path) -> None:
     meta = results["meta"]
     cfg = meta["config"]
@@ -95,11 +108,19 @@ def write_report(results: dict, out: Path) -> None:
         f"Model {meta['model']} ({meta['num_layers']} layers, hidden size {meta['hidden_size']}); "
         f"{len(meta['prompts'])} prompts ({meta['prompt_origin']}), {cfg['max_new_tokens']} new tokens, greedy.",
         f"Cloud: {meta['cloud']}. Edge runtime per K: {meta['edge_precision']}; exit rule: {meta['exit_rule']}.",
+        *[f"Note: {n}" for n in meta.get("notes", [])],
         f"**Cloud and edge share this machine's {meta['cpu_count']} CPU cores** (one intra-op thread per process, "
         f"for every mode); other work on the machine: load average {meta['loadavg_start'][0]:.1f} at start, "
-        f"{meta['loadavg_end'][0]:.1f} at the end. Links emulated in user space (shared/link_emulator.py).",
+        f"{meta['loadavg_end'][0]:.1f} at the end" + _load_samples(meta) + ". Links emulated in user space (shared/link_emulator.py).",
         f"Agreement is {meta['agreement_definition']}; exact = share of prompts whose whole output is the full model's greedy output.",
-        "Ratios (×) are against cloud-only on the same profile in this run; bytes are wire bytes through the emulator.",
+        "Ratios (×) are against cloud-only on the same profile in this run, per generated token; bytes are wire bytes",
+        "through the emulator. Cloud layer-tokens count every position the cloud ran (prompt catch-up and re-uploads",
+        "included); cloud CPU seconds are the server process's utime + stime, read from /proc around each request.",
+        "`loop`: the decode loop (edge/generation.py DecodeOptions): `plain` waits for each escalation; `draftN` drafts up",
+        "to N edge tokens while one is in flight (kept if the cloud confirms the edge's guess, else rolled back: same",
+        "output as plain); `eager` uploads exited tokens' states in the background; `losslessN` drafts up to N tokens",
+        "and verifies them in one round trip (greedy output equals the full model's). drafted / rollbacks / rejected:",
+        "draft tokens kept, round trips that threw drafts away, lossless drafts the full model rejected.",
         "`draft ok @esc`: how often the exit head's own argmax was right at escalated positions; `speculative est. ×`: a",
         "*model*, not a measurement — this run's edge steps and round trips replayed as if the edge kept drafting during",
         "escalations and rolled back on disagreement (same output); see `simulate_timeline` in scripts/bench_modes.py.",

@@ -1,18 +1,21 @@
-"""The bench's pieces on a tiny random model: modes, agreement, aggregation, the summary rule, the report.
+"""The bench's pieces on a tiny random model: modes, decode loops, agreement, aggregation, the summary rule, the
+report, and one pass through a real `offramp cloud serve` behind the link emulator.
 
-The full bench (real servers, emulated links) is not a unit test; this checks that its parts fit and that the
-summary picks what the issue asks for.
+The full bench (the default model, every profile) is not a unit test; this checks that its parts fit, that what it
+measures holds where it must (lossless is exact, drafting does not change the output), and that the summary
+picks what the issue asks for.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_tiny_llama, save_tiny_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
@@ -35,15 +38,19 @@ def _prompts() -> list[bm.BenchPrompt]:
     return [bm.BenchPrompt("a", "plain", "", (1, 5, 9, 3)), bm.BenchPrompt("b", "chat", "", (7, 2, 4))]
 
 
+def _setting(threshold: float, codec: str = "fp32", loop: str = "plain", k: int = 2) -> bm.Setting:
+    return bm.Setting.with_loop(loop, k, threshold, codec, "torch", draft_ahead=3, max_draft=3)
+
+
 @ASYNC
 async def test_modes_in_process_agree_where_they_must(tiny_edge) -> None:
     edge, cfg = tiny_edge
     backend = bench.InProcessBackend(edge)
     prompts = _prompts()
     cloud = await bench.run_mode(backend, edge, cfg, prompts, "inprocess", "cloud-only")
-    always_cloud = await bench.run_mode(backend, edge, cfg, prompts, "inprocess", "collaborative", 2, 2.0, "fp32")
-    always_edge = await bench.run_mode(backend, edge, cfg, prompts, "inprocess", "collaborative", 2, 0.0, "int8")
-    edge_only = await bench.run_mode(backend, edge, cfg, prompts, "none", "edge-only", 2)
+    always_cloud = await bench.run_mode(backend, edge, cfg, prompts, "inprocess", "collaborative", _setting(2.0))
+    always_edge = await bench.run_mode(backend, edge, cfg, prompts, "inprocess", "collaborative", _setting(0.0, "int8"))
+    edge_only = await bench.run_mode(backend, edge, cfg, prompts, "none", "edge-only", _setting(0.0, "none"))
     # The full model judged against itself, and every token escalated over a lossless codec: 100%.
     assert cloud.agreement == 1.0 and cloud.exact_match == 1.0 and cloud.tokens == 12
     assert always_cloud.agreement == 1.0 and always_cloud.exit_rate == 0.0
@@ -55,12 +62,42 @@ async def test_modes_in_process_agree_where_they_must(tiny_edge) -> None:
     bm.compare_to_baseline(rows)
     assert cloud.latency_ratio == 1.0 and cloud.cloud_compute_ratio == 1.0
     assert always_cloud.cloud_compute_ratio == pytest.approx(0.5, abs=0.1)  # 2 of 4 layers, catch-up of every position
+    assert always_cloud.loop == "plain" and always_cloud.key == "K2/t2/fp32/torch/plain" and edge_only.key == "edge-only K2/torch"
 
 
-def _row(key: tuple, agreement: float, latency: float, layer_tokens: int, profile: str = "wan") -> bm.ModeRow:
-    k, t, c = key
-    row = bm.ModeRow("collaborative", profile, k, t, c, "int8", requests=1, tokens=10, agreement=agreement,
-                     latency_p50_s=latency, cloud_layer_tokens=layer_tokens, wire_up=5800, positions_uploaded=10)
+def _tokens(row: bm.ModeRow) -> list:
+    return [r["tokens"] for r in row.per_request]
+
+
+@ASYNC
+async def test_decode_loops_measured_side_by_side(tiny_edge) -> None:
+    """Drafting and eager catch-up leave the plain loop's output as it is; lossless is the full model's output."""
+    _, cfg = tiny_edge
+    cfg = bench.BenchConfig(**{**asdict(cfg), "max_new_tokens": 12})
+    # Larger random weights: the layers after K change the argmax, so edge tokens can be wrong and drafts rejected.
+    edge = bench.Edge(cfg, model=make_tiny_llama(num_layers=4, initializer_range=0.3), tokenizer=object())
+    backend = bench.InProcessBackend(edge)
+    prompts = _prompts()
+    rows = {loop: await bench.run_mode(backend, edge, cfg, prompts, "inprocess", "collaborative", _setting(0.2, loop=loop))
+            for loop in bm.LOOPS}
+    plain = rows["plain"]
+    assert 0.0 < plain.exit_rate < 1.0 and plain.agreement < 0.9
+    for loop in ("draft", "eager", "eager+draft"):
+        assert rows[loop].agreement == plain.agreement and rows[loop].exit_rate == plain.exit_rate, loop
+        assert rows[loop].draft_ahead == (3 if "draft" in loop else 0)
+        assert rows[loop].catch_up == ("eager" if "eager" in loop else "lazy")
+    lossless = rows["lossless"]
+    assert lossless.agreement == 1.0 and lossless.exact_match == 1.0 and lossless.lossless and lossless.max_draft == 3
+    assert lossless.exit_rate > 0.0 and lossless.rejected_drafts > 0  # drafts kept where the full model agreed, others not
+    assert plain.whatif is not None and rows["draft"].whatif is None  # the what-if model replays the plain loop only
+    summary = bm.summary_of(lossless, 64)
+    assert summary["loop"] == "lossless3" and summary["lossless"] is True and summary["catch_up"] == "lazy"
+
+
+def _row(key: tuple, agreement: float, latency: float, layer_tokens: int, loop: str = "plain") -> bm.ModeRow:
+    row = bm.ModeRow.of("collaborative", "wan", bm.Setting.with_loop(loop, *key, "fp32"))
+    row.requests, row.tokens, row.agreement, row.latency_p50_s = 1, 10, agreement, latency
+    row.cloud_layer_tokens, row.wire_up, row.positions_uploaded = layer_tokens, 5800, 10
     return row
 
 
@@ -79,26 +116,42 @@ def test_summary_is_the_fastest_setting_at_98_percent_agreement() -> None:
     assert summary["bytes_up_per_position"] == pytest.approx(580)
     assert set(summary) >= {"threshold", "exit_layer", "codec", "agreement", "latency_ratio", "cloud_compute_ratio", "bytes_up_per_token"}
     assert bm.summary_of(bm.best_setting([base, fast_wrong], "wan"), 576)["exit_layer"] is None
+    # Every loop competes; the summary says which one won, with its options.
+    lossless = _row((26, 0.5, "int8o"), 1.0, 1.0, 60, loop="lossless")
+    lossless.tokens = 5  # stopped early: cloud work is compared per generated token
+    bm.compare_to_baseline(rows + [lossless])
+    summary = bm.summary_of(bm.best_setting(rows + [lossless], "wan"), 576)
+    assert summary["loop"] == "lossless8" and summary["lossless"] is True and summary["draft_ahead"] == 0
+    assert summary["cloud_compute_ratio"] == pytest.approx(0.12)
 
 
-def test_settings_sweep_thresholds_per_k_and_codecs_at_one_point() -> None:
-    cfg = bench.BenchConfig(exit_layers=[15, 20], thresholds=[0.5, 0.8, 0.9], codecs=["int8", "fp16", "fp32"],
-                            edge_precisions=["int8", "fp32"])
-    settings = cfg.collaborative_settings({20: 0.87})
-    assert (15, 0.8, "fp16", "int8") in settings and (15, 0.8, "fp32", "int8") in settings
-    assert (20, 0.87, "int8", "int8") in settings and (15, 0.5, "int8", "fp32") in settings
-    assert len(settings) == len(set(settings)) == 3 + 4 + 2 + 3
+def test_settings_sweep_thresholds_per_k_loops_at_the_calibrated_one_codecs_at_one_point() -> None:
+    cfg = bench.BenchConfig(exit_layers=[15, 26], thresholds=[0.5, 0.8, 2.0], codecs=["int8o", "fp16", "fp32"],
+                            edge_precisions=["fp32", "int8"], loops=["draft", "eager", "lossless"], draft_ahead=4, max_draft=8)
+    settings = cfg.collaborative_settings({26: 0.87})
+    keys = {s.key for s in settings}
+    assert {"K15/t0.8/fp16/fp32/plain", "K15/t0.8/fp32/fp32/plain", "K15/t0.8/int8o/int8/plain"} <= keys  # codecs, precision
+    assert {"K26/t0.87/int8o/fp32/plain", "K26/t2/int8o/fp32/plain", "K15/t0.5/int8o/fp32/plain"} <= keys  # thresholds
+    # Loops beside plain: at K's calibrated threshold (the middle one without calibration); lossless also at the lowest.
+    assert {"K26/t0.87/int8o/fp32/draft4", "K26/t0.87/int8o/fp32/eager", "K26/t0.87/int8o/fp32/lossless8",
+            "K26/t0.5/int8o/fp32/lossless8", "K15/t0.8/int8o/fp32/draft4", "K15/t0.5/int8o/fp32/lossless8"} <= keys
+    assert len(settings) == len(keys) == (3 + 4) + (3 + 1) + (3 + 1) + 2 + 1
 
 
-def test_followup_profiles_rerun_the_fastest_faithful_settings() -> None:
-    rows = [_row((15, 0.5, "int8"), 0.90, 0.8, 200), _row((20, 0.8, "int8"), 0.985, 1.2, 150),
-            _row((20, 0.95, "int8"), 0.999, 1.0, 300), _row((25, 0.9, "int8"), 0.95, 0.9, 100)]
-    assert bm.followup_settings(rows, 3) == [(20, 0.95, "int8", "int8"), (20, 0.8, "int8", "int8"), (25, 0.9, "int8", "int8")]
+def test_followup_profiles_rerun_the_fastest_faithful_setting_of_each_loop() -> None:
+    rows = [_row((15, 0.5, "int8o"), 0.90, 0.8, 200), _row((20, 0.8, "int8o"), 0.985, 1.2, 150),
+            _row((20, 0.95, "int8o"), 0.999, 1.0, 300), _row((25, 0.9, "int8o"), 0.95, 0.9, 100),
+            _row((20, 0.5, "int8o"), 1.0, 1.1, 300, loop="lossless"), _row((20, 0.6, "int8o"), 1.0, 1.3, 300, loop="lossless")]
+    assert [s.key for s in bm.followup_settings(rows, 4)] == [
+        "K20/t0.95/int8o/fp32/plain", "K20/t0.5/int8o/fp32/lossless8", "K20/t0.8/int8o/fp32/plain", "K20/t0.6/int8o/fp32/lossless8"]
+    assert [s.key for s in bm.followup_settings(rows, 6)][-2:] == ["K25/t0.9/int8o/fp32/plain", "K15/t0.5/int8o/fp32/plain"]
 
 
-def test_quick_is_small() -> None:
+def test_quick_is_small_and_has_a_lossless_setting() -> None:
     quick = bench.config_from_args(bench.build_parser().parse_args(["--quick"]))
-    assert quick.quick and quick.prompts <= 4 and len(quick.collaborative_settings()) <= 3
+    settings = quick.collaborative_settings({26: 0.9})
+    assert quick.quick and quick.prompts <= 4 and quick.profiles == ["wan"] and len(settings) <= 5
+    assert any(s.lossless for s in settings) and any(s.draft_ahead for s in settings)
 
 
 @ASYNC
@@ -106,7 +159,7 @@ async def test_report_from_results(tiny_edge, tmp_path: Path) -> None:
     edge, cfg = tiny_edge
     backend = bench.InProcessBackend(edge)
     rows = [await bench.run_mode(backend, edge, cfg, _prompts(), "inprocess", "cloud-only"),
-            await bench.run_mode(backend, edge, cfg, _prompts(), "inprocess", "collaborative", 2, 2.0, "fp32")]
+            await bench.run_mode(backend, edge, cfg, _prompts(), "inprocess", "collaborative", _setting(2.0))]
     bm.compare_to_baseline(rows)
     results = {
         "meta": {"created": "now", "command": "scripts/bench", "git": "x", "elapsed_s": 1.0, "config": {"max_new_tokens": 6, "clients_profile": "inprocess"},
@@ -121,7 +174,7 @@ async def test_report_from_results(tiny_edge, tmp_path: Path) -> None:
     json.dumps(results)  # serialisable as written
     bench_report.write_report(results, tmp_path)
     report = (tmp_path / "report.md").read_text()
-    assert "| inprocess | 2 | 2 | fp32 | torch | 100.0% |" in report
+    assert "| inprocess | 2 | 2 | fp32 | torch | plain | 100.0% |" in report
     assert (tmp_path / "pareto.png").stat().st_size > 1000 and (tmp_path / "scaling.png").exists()
 
 
@@ -131,3 +184,31 @@ def test_whatif_model_overlaps_agreeing_escalations_only() -> None:
     assert bm.simulate_timeline(tl, speculative=False) == pytest.approx(0.1 + 5 * 0.01 + 2 * 0.05)
     # The first escalation's draft was right: its round trip overlaps the next steps; the second blocks.
     assert bm.simulate_timeline(tl, speculative=True) == pytest.approx(0.1 + 0.03 + 0.05 + 0.01 + 0.01)
+
+
+def test_bench_end_to_end_against_a_real_cloud_server(tmp_path: Path) -> None:
+    """`scripts/bench` itself on a tiny checkpoint: `offramp cloud serve` and the link emulator as processes,
+    cloud-only over HTTP, collaborative over the WebSocket link, every loop, clients, results.json and the report."""
+    model_dir = save_tiny_checkpoint(tmp_path / "tiny", num_layers=4)
+    out = tmp_path / "results"
+    assert bench.main(["--model", str(model_dir), "--profiles", "lan", "--exit-layers", "2", "--edge-precisions", "torch",
+                       "--heads", "none", "--prompts", "2", "--max-new-tokens", "6", "--thresholds", "0.02,2",
+                       "--codecs", "fp32", "--codec-threshold", "0.02", "--loops", "draft,lossless", "--draft-ahead", "2", "--max-draft", "3",
+                       "--clients", "1,2", "--no-edge-step", "--out", str(out)]) == 0
+    run = next(out.iterdir())
+    results = json.loads((run / "results.json").read_text())
+    assert results["meta"]["cloud"] == "offramp cloud serve"
+    rows = {r["key"]: r for r in results["lan"]["rows"]}
+    cloud = rows["cloud-only"]
+    assert cloud["errors"] == 0 and cloud["agreement"] == 1.0 and cloud["tokens"] == 12  # the server's full model
+    assert cloud["cloud_cpu_s"] > 0 and cloud["wire_up"] > 0 and cloud["wire_down"] > 0  # measured, not modeled
+    never_exit = rows["K2/t2/fp32/torch/plain"]
+    assert never_exit["agreement"] == 1.0 and never_exit["exit_rate"] == 0.0
+    assert never_exit["cloud_compute_ratio"] == pytest.approx(0.5)  # 2 of 4 layers for every position, prompt included
+    assert rows["K2/t0.02/fp32/torch/lossless3"]["agreement"] == 1.0
+    assert {"K2/t0.02/fp32/torch/plain", "K2/t0.02/fp32/torch/draft2", "edge-only K2/torch"} <= set(rows)
+    assert all(r["errors"] == 0 for r in rows.values())
+    assert results["lan"]["summary"]["exit_layer"] == 2 and "loop" in results["lan"]["summary"]
+    assert [(c["clients"], c["mode"], c["errors"]) for c in results["clients"]] == [
+        (1, "cloud-only", 0), (1, "collaborative", 0), (2, "cloud-only", 0), (2, "collaborative", 0)]
+    assert "| lan |" in (run / "report.md").read_text()
