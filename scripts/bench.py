@@ -49,7 +49,7 @@ class BenchConfig:
     exit_layers: list[int] = field(default_factory=lambda: [15, 26])
     thresholds: list[float] = field(default_factory=lambda: [0.8, 0.95, 2.0])  # 2.0 never exits: the split's ceiling
     codecs: list[str] = field(default_factory=lambda: ["int8o", "int8", "fp16", "fp32"])  # int8o: see shared/codecs.py
-    codec_threshold: float | None = None  # the threshold the codec comparison runs at (default: the middle one)
+    codec_threshold: float | None = None  # the threshold the codec comparison runs at (default: K0's calibrated, else the middle one)
     # The first is the sweep's: fp32, because int8 edge graphs' layer-K states cost agreement (edge/assemble.py
     # resolve_precision); the others run at K0 and the codec threshold. Edge-only runs the standalone int8 graph.
     edge_precisions: list[str] = field(default_factory=lambda: ["fp32", "int8"])
@@ -78,7 +78,9 @@ class BenchConfig:
         """Every threshold (and K's calibrated one) at every K with the first codec and precision, plain loop; the
         other loops at each K's calibrated threshold; the other codecs and precisions at K0 and one threshold."""
         calibrated = calibrated or {}
-        ct = self.codec_threshold if self.codec_threshold is not None else sorted(self.thresholds)[len(self.thresholds) // 2]
+        k0 = self.exit_layers[0]
+        middle = sorted(self.thresholds)[len(self.thresholds) // 2]
+        ct = self.codec_threshold if self.codec_threshold is not None else round(calibrated.get(k0, middle), 4)
 
         def thresholds(k: int) -> list[float]:
             return sorted(set(self.thresholds) | ({round(calibrated[k], 4)} if k in calibrated else set()))
@@ -87,10 +89,9 @@ class BenchConfig:
             return bm.Setting.with_loop(loop, k, t, codec or self.codecs[0], precision or self.edge_precisions[0],
                                         self.draft_ahead, self.max_draft)
 
-        k0 = self.exit_layers[0]
         settings = [setting("plain", k, t) for k in self.exit_layers for t in thresholds(k)]
         for k in self.exit_layers:
-            at = round(calibrated[k], 4) if k in calibrated else ct
+            at = round(calibrated[k], 4) if k in calibrated else (ct if k == k0 else middle)
             settings += [setting(loop, k, at) for loop in self.loops]
             if "lossless" in self.loops:
                 settings.append(setting("lossless", k, min(thresholds(k))))
@@ -241,9 +242,11 @@ class ServedBackend:
         self.base_k = cfg.exit_layers[0]
 
     def start(self) -> None:
-        for k, server in self.servers.items():
+        for k, server in self.servers.items():  # all load their model at once, then each is waited for
             print(f"[bench] starting cloud server K={k} on :{server.port}", flush=True)
-            server.start()
+            server.launch()
+        for k, server in self.servers.items():
+            server.wait_healthy()
             self.links[k] = self._EmulatedLink(server.port, "lan").start()
 
     def stop(self) -> None:
@@ -312,8 +315,7 @@ class ModeRunner:
             await self.link.aclose()
             self.link = None
 
-    async def _request(self, prompt: bm.BenchPrompt) -> bm.RequestResult:
-        n = self.cfg.max_new_tokens
+    async def _request(self, prompt: bm.BenchPrompt, n: int) -> bm.RequestResult:
         if self.mode == "cloud-only":
             return await self.backend.cloud_only(prompt, n)
         runtime = self.edge.runtime(self.setting.exit_layer, self.setting.edge_precision)
@@ -333,7 +335,8 @@ class ModeRunner:
         cpu0 = self.backend.cpu(cloud_k) if counted else None
         wire0 = self.backend.wire(cloud_k) if counted else None
         try:
-            result = await self._request(prompt)
+            # A warm-up (connections, session tables, first-call allocations) needs a few tokens, not all of them.
+            result = await self._request(prompt, self.cfg.max_new_tokens if measure else min(8, self.cfg.max_new_tokens))
         except Exception as exc:  # a failed request is a result, not a crashed bench
             result = bm.RequestResult(prompt.prompt_id, [], 0.0, 0.0, error=f"{type(exc).__name__}: {exc}")
         if not measure:

@@ -19,6 +19,7 @@ import torch
 from offramp.edge.generation import CollaborativeDecoder, Confidence, DecodeOptions, max_prob_confidence
 from offramp.edge.link import CloudLink
 from offramp.edge.runtime import EdgeRuntime
+from offramp.shared.codecs import get_codec
 
 # --------------------------------------------------------------------------------------------------- prompts
 
@@ -601,6 +602,7 @@ def summary_of(row: ModeRow | None, hidden_size: int) -> dict:
     if row is None:
         return {"threshold": None, "exit_layer": None, "codec": None, "agreement": None, "latency_ratio": None,
                 "cloud_compute_ratio": None, "bytes_up_per_token": None, "note": "no collaborative setting reached 98% agreement"}
+    codec_bytes = get_codec(row.codec).nbytes(1, hidden_size)  # the hidden state itself; the rest is framing
     return {
         "threshold": row.threshold,
         "exit_layer": row.exit_layer,
@@ -618,6 +620,8 @@ def summary_of(row: ModeRow | None, hidden_size: int) -> dict:
         "cloud_cpu_ratio": row.cloud_cpu_ratio,
         "bytes_up_per_token": row.bytes_up_per_token,
         "bytes_up_per_position": row.bytes_up_per_position,
+        "codec_bytes_per_position": codec_bytes,
+        "frame_bytes_per_round_trip": (row.payload_up - codec_bytes * row.positions_uploaded) / row.round_trips if row.round_trips else None,
         "hidden_size": hidden_size,
         "exit_rate": row.exit_rate,
         "latency_p50_s": row.latency_p50_s,

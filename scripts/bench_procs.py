@@ -79,8 +79,17 @@ class CloudServer:
                 "--threads", "1", *self.extra_args]
 
     def start(self, timeout_s: float = 240.0) -> "CloudServer":
+        self.launch()
+        return self.wait_healthy(timeout_s)
+
+    def launch(self) -> None:
+        """Start the process without waiting (several servers then load their models side by side)."""
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=one_thread_env(), cwd=ROOT)
+
+    def wait_healthy(self, timeout_s: float = 240.0) -> "CloudServer":
+        """Poll /healthz until it answers 200; a process that exits or stays unhealthy past the deadline raises."""
+        assert self.proc is not None, "launch() first"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

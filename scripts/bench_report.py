@@ -53,7 +53,7 @@ def _drafts(r: dict) -> str:
 
 
 def summary_table(results: dict) -> list[str]:
-    lines = ["| profile | K | thr | codec | edge | loop | agreement | latency × | cloud layer-tokens × | cloud CPU × | up B/token | up B/position (hidden size) |",
+    lines = ["| profile | K | thr | codec | edge | loop | agreement | latency × | cloud layer-tokens × | cloud CPU × | up B/token | up B/position (codec B; hidden size) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in profiles_of(results):
         s = results[p]["summary"]
@@ -64,7 +64,7 @@ def summary_table(results: dict) -> list[str]:
             f"| {p} | {s['exit_layer']} | {s['threshold']:g} | {s['codec']} | {s.get('edge_precision')} | {s.get('loop')}"
             f" | {_pct(s['agreement'])} | {_f(s['latency_ratio'])}"
             f" | {_f(s['cloud_compute_ratio'])} | {_f(s.get('cloud_cpu_ratio'))} | {_f(s['bytes_up_per_token'], '{:.0f}')}"
-            f" | {_f(s.get('bytes_up_per_position'), '{:.0f}')} ({s.get('hidden_size')}) |"
+            f" | {_f(s.get('bytes_up_per_position'), '{:.0f}')} ({s.get('codec_bytes_per_position')}; {s.get('hidden_size')}) |"
         )
     return lines
 

@@ -186,9 +186,10 @@ def test_whatif_model_overlaps_agreeing_escalations_only() -> None:
     assert bm.simulate_timeline(tl, speculative=True) == pytest.approx(0.1 + 0.03 + 0.05 + 0.01 + 0.01)
 
 
-def test_bench_end_to_end_against_a_real_cloud_server(tmp_path: Path) -> None:
+def test_bench_end_to_end_against_a_real_cloud_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`scripts/bench` itself on a tiny checkpoint: `offramp cloud serve` and the link emulator as processes,
     cloud-only over HTTP, collaborative over the WebSocket link, every loop, clients, results.json and the report."""
+    monkeypatch.setenv("OFFRAMP_HOME", str(tmp_path / "home"))  # nothing lands in the real artifact cache
     model_dir = save_tiny_checkpoint(tmp_path / "tiny", num_layers=4)
     out = tmp_path / "results"
     assert bench.main(["--model", str(model_dir), "--profiles", "lan", "--exit-layers", "2", "--edge-precisions", "torch",
