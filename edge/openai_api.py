@@ -124,7 +124,11 @@ def _json_type(value: Any) -> str:
 
 
 def _number(body: dict[str, Any], name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
-    value = float(_field(body, name, (int, float), "a number", default))
+    given = _field(body, name, (int, float), "a number", default)
+    try:
+        value = float(given)
+    except OverflowError:  # an integer literal beyond any float (JSON allows 400 digits)
+        raise APIError(f"'{name}' is far out of range ({len(str(abs(given)))} digits)", param=name, code="invalid_value") from None
     if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
         bracket = "(" if low_open else "["
         raise APIError(f"'{name}' must be in {bracket}{low}, {high}], got {value!r}", param=name, code="invalid_value")
