@@ -84,7 +84,10 @@ class ChatRequest:
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
-    """Bytes -> a JSON object, refusing invalid UTF-8, malformed JSON, non-finite numbers and non-objects."""
+    """Bytes -> a JSON object, refusing invalid UTF-8, malformed JSON, non-finite numbers and non-objects.
+
+    The Content-Type is not looked at: `curl -d` sends JSON as application/x-www-form-urlencoded by default,
+    and the body's bytes decide anyway."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
