@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from offramp.cloud.server import CloudState
 
 FULL_OWNER = "cloud-only"
+MAX_BODY_BYTES = 1 << 20  # HTTP bodies (the app's client_max_size); larger is 413
 
 
 class CompletionRequestError(ValueError):
@@ -60,20 +61,29 @@ class CompletionRequest:
         max_tokens = body.get("max_tokens", 16)
         limit = state.config.max_new_tokens
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= limit:
-            raise CompletionRequestError(f"'max_tokens' must be an integer in 1..{limit}, got {max_tokens!r}")
+            raise CompletionRequestError(f"'max_tokens' must be an integer in 1..{limit}, got {_short(max_tokens)}")
         if len(ids) + max_tokens > state.max_positions:
             raise CompletionRequestError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the context length {state.max_positions}")
+        numbers = {name: body.get(name, default) for name, default in (("temperature", 0.0), ("top_p", 1.0))}
+        for name, value in numbers.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise CompletionRequestError(f"'{name}' must be a number, got {_short(value)}")
         try:
-            sampling = SamplingParams(float(body.get("temperature", 0.0)), float(body.get("top_p", 1.0)))
-        except (TypeError, ValueError) as exc:
-            raise CompletionRequestError(str(exc)) from None
+            sampling = SamplingParams(float(numbers["temperature"]), float(numbers["top_p"]))
+        except (ValueError, OverflowError) as exc:  # out of range, or an integer beyond any float
+            raise CompletionRequestError(_short(exc)) from None
         seed = body.get("seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise CompletionRequestError(f"'seed' must be an integer, got {seed!r}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
+            raise CompletionRequestError(f"'seed' must be an integer in [0, 2**63), got {_short(seed)}")
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
-            raise CompletionRequestError(f"'stream' must be a boolean, got {stream!r}")
+            raise CompletionRequestError(f"'stream' must be a boolean, got {_short(stream)}")
         return cls(ids, max_tokens, sampling, seed, stream)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 async def generate(state: "CloudState", req: CompletionRequest):
@@ -110,6 +120,10 @@ async def handle_completions(request: web.Request) -> web.StreamResponse:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return error_response(400, f"malformed JSON body: {exc}")
+    except RecursionError:
+        return error_response(400, "malformed JSON body: nested too deeply")
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(413, f"request body is larger than the limit of {MAX_BODY_BYTES} bytes", "request_too_large")
     try:
         req = CompletionRequest.parse(body, state)
     except CompletionRequestError as exc:
@@ -170,5 +184,5 @@ def _usage(req: CompletionRequest, tokens: list[int]) -> dict[str, int]:
 
 def error_response(status: int, message: str, code: str | None = None) -> web.Response:
     """An OpenAI-shaped error body."""
-    kind = {400: "invalid_request_error", 401: "authentication_error", 429: "rate_limit_error"}.get(status, "server_error")
+    kind = {400: "invalid_request_error", 401: "authentication_error", 413: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
     return web.json_response({"error": {"message": message, "type": kind, "param": None, "code": code}}, status=status)

@@ -24,7 +24,7 @@ from aiohttp import WSCloseCode, web
 
 from offramp.cloud.auth import BearerAuth, check_bind, read_tokens
 from offramp.cloud.batcher import Batcher
-from offramp.cloud.completions import handle_completions, error_response
+from offramp.cloud.completions import MAX_BODY_BYTES, error_response, handle_completions
 from offramp.cloud.config import CloudConfig
 from offramp.cloud.context import ContextManager, SessionContext, SessionLimitError, SessionOwnerError
 from offramp.cloud.edge_connection import EdgeConnection
@@ -261,7 +261,7 @@ async def handle_metrics(request: web.Request) -> web.Response:
 
 def make_app(state: CloudState) -> web.Application:
     """The aiohttp app for one loaded CloudState (tests start it on a random port)."""
-    app = web.Application(middlewares=[auth_middleware], client_max_size=1 << 20)
+    app = web.Application(middlewares=[auth_middleware], client_max_size=MAX_BODY_BYTES)
     app[STATE] = state
     app.router.add_get(p.EDGE_PATH, handle_edge)
     app.router.add_get("/healthz", handle_health)

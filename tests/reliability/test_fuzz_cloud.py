@@ -9,13 +9,16 @@ victim session must keep its positions, and memory stays bounded (sessions, KV b
 
 Inputs tried are tallied in the terminal summary (tests/reliability/fuzz_tally.py). Already covered elsewhere, not repeated here:
 decode_frame on random bytes and fuzzed fields (tests/shared/test_protocol.py), a handful of fixed bad frames
-and the version/fingerprint refusal (tests/cloud/test_server.py). Set OFFRAMP_FUZZ_EXAMPLES to fuzz longer.
+and the version/fingerprint refusal (tests/cloud/test_server.py). The cloud-only /v1/completions endpoint gets
+mutated JSON bodies too: 400 (413 over the body limit) with an OpenAI-style error, never a 5xx. Set
+OFFRAMP_FUZZ_EXAMPLES to fuzz longer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import os
 import threading
@@ -38,11 +41,12 @@ from offramp.shared.codecs import CODECS, get_codec
 from tests.cloud.conftest import K, LAYERS, RunningCloud, running_cloud
 from tests.cloud.test_server import PROMPTS, alternating, generate
 from tests.conftest import make_tiny_llama
+from tests.edge.conftest import http, sse_events
 from tests.reliability.fuzz_tally import fuzz_tally as tally_for
 
 ALPHA, BETA = "alpha-token-0123456789", "beta-token-9876543210"
 H = 64  # the tiny model's hidden size
-LIMITS = dict(max_sessions=12, max_sessions_per_client=6, kv_budget_mb=0.25, max_frame_bytes=32 << 10)
+LIMITS = dict(max_sessions=12, max_sessions_per_client=6, kv_budget_mb=0.25, max_frame_bytes=32 << 10, max_new_tokens=8)
 BUDGET_BYTES = int(0.25 * (1 << 20))  # one whole session (256 positions x 512 B) fits; six do not: evictions happen
 EXAMPLES = int(os.environ.get("OFFRAMP_FUZZ_EXAMPLES", "800"))
 VICTIM = "alpha-victim"
@@ -602,3 +606,77 @@ def test_fuzzed_hellos_are_refused_with_a_code_or_welcomed(live, fuzz_tally) -> 
     live.run(asyncio.sleep(0.2))
     assert live.snapshot()["connections"] == connections  # every refused edge was hung up on
     assert live.run(live.reference_once()) == live.run(live.reference_once())  # still serving, and the same
+
+
+# -- the cloud-only completions endpoint ------------------------------------------------------------------------
+
+COMPLETION_WRONG = {
+    "prompt": st.one_of(st.integers(), st.just([]), st.just(""), st.none(), st.just({}), st.text(min_size=1, max_size=5),
+                        st.lists(st.booleans() | st.floats(allow_nan=False) | st.text(max_size=2), min_size=1, max_size=3),
+                        st.lists(st.integers(128, 2**62) | st.integers(-(2**62), -1), min_size=1, max_size=3)),
+    "max_tokens": st.one_of(st.integers(max_value=0), st.integers(9, 2**70), st.booleans(), st.floats(allow_nan=False), st.text(max_size=3), st.none()),
+    "temperature": st.one_of(st.floats(max_value=-1e-6, allow_nan=False), st.text(max_size=3), st.booleans(), st.none(), st.just([]), st.integers(10**310, 10**320)),
+    "top_p": st.one_of(st.just(0), st.floats(min_value=1.001, allow_nan=False), st.text(max_size=3), st.booleans(), st.none(), st.integers(10**310, 10**320)),
+    "seed": st.one_of(st.integers(max_value=-1), st.integers(2**63, 2**70), st.floats(allow_nan=False), st.text(max_size=3), st.booleans()),
+    "stream": st.one_of(st.integers(), st.text(max_size=3), st.none(), st.just([])),
+}
+
+
+def completion_case(data: st.DataObject) -> tuple[str, bytes, int]:
+    """(kind, body, expected status)."""
+    body = {"prompt": data.draw(st.lists(st.integers(0, 127), min_size=1, max_size=12), label="prompt"),
+            "max_tokens": data.draw(st.integers(1, 8), label="max_tokens")}
+    for name, value in (("temperature", st.floats(0, 2)), ("top_p", st.floats(0.01, 1)), ("seed", st.integers(0, 2**63 - 1)), ("stream", st.booleans())):
+        if data.draw(st.booleans(), label=f"has {name}"):
+            body[name] = data.draw(value, label=name)
+    kind = data.draw(st.sampled_from(["valid", "wrong_field", "wrong_field", "malformed", "invalid_utf8", "not_an_object", "nested", "non_finite", "too_large"]), label="kind")
+    raw = json.dumps(body).encode()
+    if kind == "valid":
+        return kind, raw, 200
+    if kind == "wrong_field":
+        name = data.draw(st.sampled_from(sorted(COMPLETION_WRONG)), label="field")
+        body[name] = data.draw(COMPLETION_WRONG[name], label="value")
+        return f"wrong_{name}", json.dumps(body).encode(), 400
+    if kind == "malformed":
+        return kind, raw[: cut(data, len(raw))], 400
+    if kind == "invalid_utf8":
+        at = data.draw(st.integers(0, len(raw)), label="at")
+        return kind, raw[:at] + data.draw(st.sampled_from([b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\x80"]), label="bytes") + raw[at:], 400
+    if kind == "not_an_object":
+        return kind, json.dumps(data.draw(st.lists(st.integers(), max_size=3) | st.text(max_size=4) | st.none(), label="value")).encode(), 400
+    if kind == "nested":
+        depth = data.draw(st.integers(2000, 100_000), label="depth")
+        return kind, b'{"prompt": ' + b"[" * depth + b"]" * depth + b"}", 400
+    if kind == "non_finite":
+        name = data.draw(st.sampled_from(["temperature", "top_p", "max_tokens", "seed"]), label="field")
+        return kind, raw[:-1] + f', "{name}": {data.draw(st.sampled_from(["NaN", "Infinity", "-Infinity"]), label="constant")}}}'.encode(), 400
+    return kind, b'{"prompt": [1], "pad": "' + b"x" * ((1 << 20) + data.draw(st.integers(1, 1000), label="extra")) + b'"}', 413
+
+
+def test_fuzzed_completion_bodies_are_refused_with_openai_errors_or_served(live, fuzz_tally) -> None:
+    url = live.cloud.http_url + "/v1/completions"
+    auth = {"Authorization": f"Bearer {BETA}", "Content-Type": "application/json"}
+    tried: Counter[str] = Counter()
+
+    @settings(max_examples=max(50, EXAMPLES // 4), deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def one_body(data: st.DataObject) -> None:
+        kind, raw, expected = completion_case(data)
+        fuzz_tally["cloud completion bodies"] += 1
+        tried[kind] += 1
+        status, answer = http("POST", url, raw, auth)
+        assert status == expected, (kind, status, answer, raw[:200])
+        if status == 200:
+            body = json.loads(raw)
+            if body.get("stream"):
+                events = sse_events(answer)
+                assert events[-1] == "[DONE]" and sum(len(e["choices"][0]["token_ids"]) for e in events[:-1]) <= body["max_tokens"]
+            else:
+                assert 1 <= len(answer["choices"][0]["token_ids"]) <= body["max_tokens"]
+        else:
+            assert set(answer) == {"error"} and set(answer["error"]) == {"message", "type", "param", "code"}, answer
+            assert answer["error"]["message"] and answer["error"]["type"] == "invalid_request_error", answer
+
+    one_body()
+    assert live.snapshot()["connections"] == 0 and live.cloud.state.completions_inflight == 0
+    assert {"valid", "malformed", "invalid_utf8"} <= set(tried), tried
