@@ -8,7 +8,7 @@ What each kind of bad input gets (codes from `offramp.shared.protocol`): undecod
 frames only the cloud sends -> `bad_frame`; over --max-frame-bytes -> `frame_too_large` (a frame so large the
 WebSocket layer will not buffer it, over the limit + 64 KiB, closes the connection with close code 1009); an
 unserved codec -> `bad_codec`; a payload that is not [rows, hidden] finite floats, or drives the deep layers to
-non-finite logits -> `bad_hidden` (the session's KV is untouched); positions past the context -> `bad_positions`;
+non-finite logits -> `bad_hidden` (none of its rows enters the session's KV); positions past the context -> `bad_positions`;
 another client's session -> `forbidden`; over a session limit -> `too_many_sessions`. An upload for a session
 the cloud does not hold, or starting past what it holds, is not an error: `Evicted` says where to re-upload from.
 """

@@ -34,7 +34,8 @@ class PositionError(SessionError):
 
 
 class BadHiddenError(SessionError):
-    """Hidden states that drive the deep layers to non-finite logits: refused, and the session's KV is left as it was."""
+    """Hidden states that are not finite, or drive the deep layers to non-finite logits: refused, and none of
+    their rows enters the session's KV (a rollback the request asked for, start < held, still happens)."""
 
     code = BAD_HIDDEN
 
@@ -105,7 +106,7 @@ class DeepEngine:
         positions = torch.arange(req.start, req.start + n, device=self.device)[None]
         logits, present = self.cloud(hidden, positions, ctx.kv)
         self.layer_tokens += n * self.cloud.num_layers
-        _check_logits(req, logits[0])  # before the commit: a refused request leaves the session as it was
+        _check_logits(req, logits[0])  # before the commit: a refused request adds nothing to the session
         self.contexts.commit(ctx, present, req.start + n)
         return self.result(req, logits[0], ctx.length)
 
