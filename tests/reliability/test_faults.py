@@ -179,11 +179,29 @@ def test_daemon_stream_survives_the_link_failing_mid_generation(fault, daemon, l
         injected = Fault(lambda: control(clean_link, "profile?name=cellular"), lambda: control(clean_link, "profile?name=lan"))
     final = stream(daemon, 600, injected)
     tokens, sources = final["token_ids"], final["sources"]
+    print(f"{fault}:", runs(sources))
     assert injected.state == "after" and len(tokens) == 600
     first = assert_fell_back_then_resumed(sources)
     assert final["fallback_tokens"] == sources.count(FALLBACK) and final["escalations"] == sources.count(CLOUD)
     assert first >= 10
     assert assert_cloud_tokens_are_the_full_models(full_model, PROMPT, tokens, sources) > 30
+
+
+def test_daemon_stream_survives_a_connection_reset(daemon, live_cloud, clean_link, full_model) -> None:  # noqa: F811
+    """Both ends see the connection drop mid-stream (a NAT or proxy giving up): the link reconnects at once. An
+    escalation caught in flight falls back; if none was, nothing was lost and the tokens are the uninterrupted run's."""
+    reference = complete(daemon, 300)
+    assert set(reference[1]) == {CLOUD}
+    final = stream(daemon, 300, Fault(lambda: control(clean_link, "reset"), lambda: None, hold=0))
+    tokens, sources = final["token_ids"], final["sources"]
+    print("reset:", runs(sources))
+    assert len(tokens) == 300
+    if FALLBACK in sources:
+        assert_fell_back_then_resumed(sources)
+        assert assert_cloud_tokens_are_the_full_models(full_model, PROMPT, tokens, sources) > 30
+    else:
+        assert (tokens, sources) == reference
+    assert http("GET", clean_link.control_url + "/stats")[1]["resets"] >= 1
 
 
 def test_daemon_cloud_killed_mid_stream_then_restarted_on_the_same_port(daemon, live_cloud, clean_link) -> None:  # noqa: F811
@@ -306,3 +324,26 @@ async def test_cloud_sigterm_mid_generation_exits_cleanly_and_the_edge_falls_bac
     assert len(tokens) == 400 and sources[:10] == [CLOUD] * 10
     first = sources.index(FALLBACK)
     assert set(sources[first:]) == {FALLBACK}, runs(sources)  # nothing half-done after the cloud left
+
+
+async def test_cloud_sigterm_while_the_link_is_cut_still_exits_in_bounded_time(full_model, live_cloud, clean_link) -> None:  # noqa: F811
+    """SIGTERM while the only edge sits behind a black-holed link: the goodbye cannot be delivered, the close
+    handshake times out, and the cloud exits 0 anyway; the edge finishes on its own."""
+    link = edge_link(full_model, f"ws://127.0.0.1:{clean_link.port}", timeout_s=0.5)
+    tokens, sources = [], []
+    try:
+        async for event in decoder(full_model, link).stream(PROMPT, DecodeOptions(max_new_tokens=200, threshold=2.0)):
+            tokens.append(event.token_id)
+            sources.append(event.source)
+            if len(tokens) == 10:
+                await asyncio.to_thread(control, clean_link, "cut")
+                started = time.monotonic()
+                live_cloud.server.proc.send_signal(signal.SIGTERM)
+                rc = await asyncio.to_thread(live_cloud.server.proc.wait, EXIT_BOUND_S)
+                took = time.monotonic() - started
+    finally:
+        await link.aclose()
+        live_cloud.kill()  # only if it hung
+    assert rc == 0 and took < EXIT_BOUND_S, live_cloud.log()[-2000:]
+    assert len(tokens) == 200 and sources[:10] == [CLOUD] * 10 and set(sources[10:]) == {FALLBACK}
+    print(f"cloud exited {took:.1f} s after SIGTERM behind a cut link")
