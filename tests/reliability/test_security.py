@@ -9,7 +9,8 @@ survives a reconnect (tests/cloud/test_server.py::test_missing_or_wrong_token_is
 (::test_too_many_sessions_is_429), 413 over the body limit (::test_limits_and_unknown_routes_are_openai_errors),
 `offramp edge serve --host 0.0.0.0` refused without a token, with one requiring it and never logging it
 (tests/edge/test_daemon_process.py::test_public_bind_without_token_is_refused_and_with_token_requires_it,
-tests/edge/test_openai_api.py::test_bind_rules). Every frame-level refusal is fuzzed in test_fuzz_cloud.py.
+tests/edge/test_openai_api.py::test_bind_rules). Every frame-level refusal is fuzzed in test_fuzz_cloud.py; the
+daemon's request validation in test_fuzz_daemon.py.
 """
 
 from __future__ import annotations
@@ -384,3 +385,25 @@ async def test_cloud_only_completions_over_the_limit_are_429(model) -> None:
             assert rest.endswith(b"data: [DONE]\n\n")
         async with http.post(url, json={"prompt": PROMPTS[1], "max_tokens": 2}) as third:
             assert third.status == 200 and len((await third.json())["choices"][0]["token_ids"]) == 2
+
+
+async def test_too_many_requests_in_flight_on_one_connection_are_refused_by_id(model, monkeypatch) -> None:
+    import offramp.cloud.edge_connection as edge_connection
+
+    monkeypatch.setattr(edge_connection, "MAX_INFLIGHT_PER_CONNECTION", 4)
+    fp32 = get_codec("fp32")
+    async with running_cloud(model, batch_window_s=0.05) as cloud:
+        http, ws = await handshake(cloud, "")
+        await ws.send_bytes(p.encode_frame(p.Open(1, "s", "fp32")))
+        assert isinstance(await answer(ws), p.Opened)
+        ids = list(range(100, 140))
+        for rid in ids:  # a burst: each re-uploads position 0, so every one is valid on its own
+            await ws.send_bytes(p.encode_frame(p.Upload(rid, "s", 0, 1, fp32.encode(rows(1, rid)))))
+        replies = [await answer(ws) for _ in ids]
+        assert sorted(r.id for r in replies) == ids  # every request answered once, by its id
+        refused = [r for r in replies if isinstance(r, p.Error)]
+        assert refused and all(r.code == p.OVERLOADED and "in flight" in r.message for r in refused)
+        assert any(isinstance(r, p.Result) for r in replies)
+        await ws.send_bytes(p.encode_frame(p.Upload(200, "s", 0, 1, fp32.encode(rows(1)))))  # and it recovers
+        assert isinstance(await answer(ws), p.Result)
+        await http.close()
