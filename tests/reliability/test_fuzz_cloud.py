@@ -227,7 +227,7 @@ class FuzzState:
 
 @dataclass
 class Expect:
-    """What an input may get: error codes, or reply types (then `check` validates the reply against the request)."""
+    """What an input may get: error codes, or reply types (then `check_reply` validates the reply against the request)."""
 
     errors: frozenset[str] = frozenset()
     replies: tuple[type, ...] = ()
