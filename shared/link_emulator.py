@@ -14,7 +14,8 @@ Faults, for the reliability tests:
 In process: `async with LinkEmulator(("127.0.0.1", 8700), WAN) as link: connect to link.port`.
 Command line: `python -m offramp.shared.link_emulator --listen 127.0.0.1:9000 --target 127.0.0.1:8700
 --profile wan [--control 127.0.0.1:9001]`; the control port takes `POST /cut`, `/restore`, `/reset`,
-`/profile?name=lan` and `GET /stats`, so a benchmark or test can drive a proxy running in its own process.
+`/profile?name=lan[&latency_ms=500&jitter_ms=..&up_mbit=..&down_mbit=..]` and `GET /stats`, so a benchmark or
+test can drive a proxy running in its own process (a fault test makes the link slower than the edge's timeout).
 """
 
 from __future__ import annotations
@@ -312,19 +313,29 @@ def _hostport(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def override(
+    profile: LinkProfile,
+    latency_ms: float | None = None,
+    jitter_ms: float | None = None,
+    up_mbit: float | None = None,
+    down_mbit: float | None = None,
+) -> LinkProfile:
+    """The profile with any of its numbers replaced (latency and jitter: one-way, both directions)."""
+    up, down = profile.up, profile.down
+    if latency_ms is not None:
+        up, down = replace(up, latency_s=latency_ms / 1e3), replace(down, latency_s=latency_ms / 1e3)
+    if jitter_ms is not None:
+        up, down = replace(up, jitter_s=jitter_ms / 1e3), replace(down, jitter_s=jitter_ms / 1e3)
+    if up_mbit is not None:
+        up = replace(up, bandwidth_bps=up_mbit * MBIT)
+    if down_mbit is not None:
+        down = replace(down, bandwidth_bps=down_mbit * MBIT)
+    return replace(profile, up=up, down=down)
+
+
 def profile_from_args(args: argparse.Namespace) -> LinkProfile:
     """A named profile with any of its numbers overridden on the command line."""
-    profile = get_profile(args.profile)
-    up, down = profile.up, profile.down
-    if args.latency_ms is not None:
-        up, down = replace(up, latency_s=args.latency_ms / 1e3), replace(down, latency_s=args.latency_ms / 1e3)
-    if args.jitter_ms is not None:
-        up, down = replace(up, jitter_s=args.jitter_ms / 1e3), replace(down, jitter_s=args.jitter_ms / 1e3)
-    if args.up_mbit is not None:
-        up = replace(up, bandwidth_bps=args.up_mbit * MBIT)
-    if args.down_mbit is not None:
-        down = replace(down, bandwidth_bps=args.down_mbit * MBIT)
-    return replace(profile, up=up, down=down)
+    return override(get_profile(args.profile), args.latency_ms, args.jitter_ms, args.up_mbit, args.down_mbit)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -358,12 +369,14 @@ async def _serve_control(emu: LinkEmulator, where: tuple[str, int]) -> asyncio.b
             elif method == "POST" and path == "/reset":
                 emu.reset()
             elif method == "POST" and path == "/profile":
-                emu.set_profile(params.get("name", ""))
+                numbers = {k: float(params[k]) for k in ("latency_ms", "jitter_ms", "up_mbit", "down_mbit") if k in params}
+                emu.set_profile(override(get_profile(params.get("name", "")), **numbers))
             elif method == "GET" and path == "/stats":
                 pass
             else:
                 status = 404
-            body = {"profile": emu.profile.name, "cut": emu.is_cut, **asdict(emu.stats)} if status == 200 else {"error": "not found"}
+            shape = {"profile": emu.profile.name, "rtt_ms": round(emu.profile.rtt_s * 1e3, 3), "cut": emu.is_cut}
+            body = {**shape, **asdict(emu.stats)} if status == 200 else {"error": "not found"}
         except ValueError as exc:
             status, body = 400, {"error": str(exc)}
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):

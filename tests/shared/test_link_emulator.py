@@ -197,6 +197,12 @@ async def test_command_line_proxy_with_control_port(echo_server: int, unused_tcp
         assert await asyncio.wait_for(reader.readexactly(4), 2.0) == b"abcd"
         assert (await _http(control, "POST", "/reset"))["resets"] == 1
         writer.close()
+        slow = await _http(control, "POST", "/profile?name=lan&latency_ms=60")  # a named profile, slowed down
+        assert slow["profile"] == "lan" and slow["rtt_ms"] == 120
+        reader, writer = await asyncio.open_connection("127.0.0.1", listen)
+        await _ping(reader, writer)
+        assert await _ping(reader, writer) >= 0.119
+        writer.close()
     finally:
         proc.terminate()
         proc.wait(10)
