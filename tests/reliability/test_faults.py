@@ -42,7 +42,8 @@ from tests.reliability.processes import (  # noqa: F401 (fixtures)
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 PROMPT = [5, 17, 3, 99, 42, 8]
-DAEMON_CLOUD_TIMEOUT_S = 0.1  # far above an escalation on lan (a few ms), below the cellular profile's round trip
+DAEMON_CLOUD_TIMEOUT_S = 0.5  # far above an escalation on lan (a few ms), so a busy machine causes no fallback
+SLOW = "profile?name=lan&latency_ms=600"  # a 1.2 s round trip: every escalation outlasts the daemon's timeout
 EXIT_BOUND_S = 30.0  # SIGTERM to exit; the drain itself takes well under a second here
 
 
@@ -171,12 +172,12 @@ def clean_link(emulated_link):  # noqa: F811
 
 @pytest.mark.parametrize("fault", ["cut", "slower-than-timeout"])
 def test_daemon_stream_survives_the_link_failing_mid_generation(fault, daemon, live_cloud, clean_link, full_model) -> None:  # noqa: F811
-    """A black-holed link (`cut`), or one whose round trip outlasts --cloud-timeout (the cellular profile's ~130 ms
-    against 0.1 s): the stream goes on from the exit head, and the cloud takes over again once the link is back."""
+    """A black-holed link (`cut`), or one whose round trip (1.2 s) outlasts --cloud-timeout (0.5 s): the stream goes
+    on from the exit head, and the cloud takes over again once the link is back."""
     if fault == "cut":
         injected = Fault(lambda: control(clean_link, "cut"), lambda: control(clean_link, "restore"))
     else:
-        injected = Fault(lambda: control(clean_link, "profile?name=cellular"), lambda: control(clean_link, "profile?name=lan"))
+        injected = Fault(lambda: control(clean_link, SLOW), lambda: control(clean_link, "profile?name=lan"))
     final = stream(daemon, 600, injected)
     tokens, sources = final["token_ids"], final["sources"]
     print(f"{fault}:", runs(sources))
