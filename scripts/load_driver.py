@@ -198,24 +198,20 @@ def alternating() -> Any:
     return lambda logits, hidden: next(flips)
 
 
-class Checker:
-    """The full model, teacher-forced: is each cloud token its greedy choice given everything before it?"""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-
-    @torch.inference_mode()
-    def wrong(self, prompt: list[int], tokens: list[int], sources: list[str]) -> tuple[int, int]:
-        """(wrong cloud tokens, cloud tokens checked); near-ties do not count either way."""
-        logits = self.model(torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1 :].float()
-        top2 = logits.topk(2, dim=-1).values
-        margins = (top2[:, 0] - top2[:, 1]).numpy()
-        choices = logits.argmax(-1).numpy()
-        cloud = [i for i, s in enumerate(sources) if s == CLOUD and margins[i] > NEAR_TIE]
-        return sum(int(tokens[i] != choices[i]) for i in cloud), len(cloud)
+@torch.inference_mode()
+def wrong_cloud_tokens(model: Any, prompt: list[int], tokens: list[int], sources: list[str]) -> tuple[list[int], int]:
+    """Teacher-forced over prompt + tokens: the indices of the tokens the cloud decided that are not the full model's
+    greedy choice given everything before them, and how many cloud tokens were checked. Near-ties (a logit margin
+    under NEAR_TIE) count neither way."""
+    logits = model(torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1 :].float()
+    top2 = logits.topk(2, dim=-1).values
+    margins = (top2[:, 0] - top2[:, 1]).numpy()
+    choices = logits.argmax(-1).numpy()
+    cloud = [i for i, s in enumerate(sources) if s == CLOUD and margins[i] > NEAR_TIE]
+    return [i for i in cloud if tokens[i] != int(choices[i])], len(cloud)
 
 
-async def _session(index: int, config: LoadConfig, model: Any, checker: Checker, report: LoadReport, deadline: float) -> None:
+async def _session(index: int, config: LoadConfig, model: Any, report: LoadReport, deadline: float) -> None:
     """One edge device: its own runtime and link; requests back to back until the deadline."""
     rng = np.random.default_rng(config.seed + index)
     manifest = edge_identity(model, config.exit_layer)
@@ -247,11 +243,11 @@ async def _session(index: int, config: LoadConfig, model: Any, checker: Checker,
             if FALLBACK in sources:
                 _note(report, f"session {index} request {n}: {sources.count(FALLBACK)} fallback tokens ({link.last_error})")
             if config.verify_every and n % config.verify_every == 0:
-                wrong, checked = checker.wrong(prompt, tokens, sources)
-                report.wrong_tokens += wrong
+                wrong, checked = wrong_cloud_tokens(model, prompt, tokens, sources)
+                report.wrong_tokens += len(wrong)
                 report.verified_tokens += checked
                 if wrong:
-                    _note(report, f"session {index} request {n}: {wrong} cloud tokens are not the full model's")
+                    _note(report, f"session {index} request {n}: cloud tokens at {wrong[:5]} are not the full model's")
     finally:
         await link.aclose()
 
@@ -285,7 +281,6 @@ async def run_load(config: LoadConfig, model: Any, server_pid: int | None = None
     cloud runs on this machine, lets its RSS be sampled.
     """
     report = LoadReport(config.sessions)
-    checker = Checker(model)
     async with CloudProbe(config.url, server_pid, config.token) as probe:
         health = await probe.health()
         report.kv_budget_bytes = health.get("kv_budget_bytes")
@@ -297,7 +292,7 @@ async def run_load(config: LoadConfig, model: Any, server_pid: int | None = None
         stop = asyncio.Event()
         sampler = asyncio.create_task(_sample(probe, report, started + config.warmup_s, stop, config.sample_s))
         deadline = started + config.duration_s
-        await asyncio.gather(*(_session(i, config, model, checker, report, deadline) for i in range(config.sessions)))
+        await asyncio.gather(*(_session(i, config, model, report, deadline) for i in range(config.sessions)))
         report.duration_s = time.monotonic() - started
         stop.set()
         await sampler

@@ -10,15 +10,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
 from tests.conftest import save_tiny_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
 from bench_procs import CloudServer, EmulatedLink, free_port  # noqa: E402
+from load_driver import wrong_cloud_tokens  # noqa: E402
 
 K = 2  # the edge runs layers 0..1 of the tiny model, the cloud 2..3
 LAYERS = 4
@@ -102,21 +101,9 @@ def emulated_link(cloud: Cloud):
         yield link
 
 
-def full_model_choices(model, prompt: list[int], tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Teacher-forced over prompt + tokens: the full model's greedy choice for each generated token, and the
-    margin between its two best logits there (a near-tie may flip between a batched and a one-shot forward)."""
-    ids = torch.tensor([prompt + tokens[:-1]])
-    with torch.inference_mode():
-        logits = model(ids).logits[0, len(prompt) - 1 :].float()
-    top2 = logits.topk(2, dim=-1).values
-    return logits.argmax(-1).numpy(), (top2[:, 0] - top2[:, 1]).numpy()
-
-
 def assert_cloud_tokens_are_the_full_models(model, prompt: list[int], tokens: list[int], sources: list[str]) -> int:
     """Every token the cloud chose is the full model's greedy choice given everything before it (its context was
     complete, whatever the edge emitted meanwhile). Returns how many cloud tokens were checked."""
-    choices, margins = full_model_choices(model, prompt, tokens)
-    cloud = [i for i, s in enumerate(sources) if s == "cloud"]
-    wrong = [i for i in cloud if tokens[i] != choices[i] and margins[i] > 1e-3]
+    wrong, checked = wrong_cloud_tokens(model, prompt, tokens, sources)
     assert not wrong, f"cloud tokens at {wrong[:10]} are not the full model's choice (context not rebuilt?)"
-    return len(cloud)
+    return checked
