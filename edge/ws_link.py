@@ -139,22 +139,36 @@ class WebSocketCloudLink:
     # -- connection ----------------------------------------------------------------------------------------
 
     async def _request(self, frame: p.Frame) -> p.Frame:
-        ws = await self._connected()
+        """Send a frame and wait for its reply, at most timeout_s in all.
+
+        A connection that dies under the request (reset on the way, or a cloud that restarted while this edge sat
+        idle, noticed only now) is tried once more on a fresh connection within the same deadline: every request
+        may be repeated (uploads and escalations name their positions; open and close are idempotent). A cloud
+        that is really gone fails that reconnect at once, and the edge falls back.
+        """
         data = p.encode_frame(frame)
-        future = asyncio.get_running_loop().create_future()
-        self._pending[frame.id] = future
-        try:
-            await ws.send_bytes(data)
-            self.stats.bytes_up += len(data)
-            reply = await asyncio.wait_for(future, self.timeout_s)
-        except asyncio.TimeoutError:
-            self._back_off(f"no answer from the cloud within {self.timeout_s:g} s")
-            raise CloudUnavailableError(self.last_error) from None
-        except (ConnectionError, aiohttp.ClientError, RuntimeError) as exc:
-            await self._drop(f"send failed: {exc}")
-            raise CloudUnavailableError(self.last_error) from exc
-        finally:
-            self._pending.pop(frame.id, None)
+        deadline = time.monotonic() + self.timeout_s
+        for last_try in (False, True):
+            ws = await self._connected()
+            future = asyncio.get_running_loop().create_future()
+            self._pending[frame.id] = future
+            try:
+                await ws.send_bytes(data)
+                self.stats.bytes_up += len(data)
+                reply = await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
+                break
+            except asyncio.TimeoutError:
+                self._back_off(f"no answer from the cloud within {self.timeout_s:g} s")
+                raise CloudUnavailableError(self.last_error) from None
+            except CloudUnavailableError:  # the reader lost the connection while we waited (see _drop)
+                if last_try or self.state == "closed":
+                    raise
+            except (ConnectionError, aiohttp.ClientError, RuntimeError) as exc:
+                await self._drop(f"send failed: {exc}")
+                if last_try:
+                    raise CloudUnavailableError(self.last_error) from exc
+            finally:
+                self._pending.pop(frame.id, None)
         self.stats.round_trips += 1
         self._failures = 0
         if isinstance(reply, p.Error):
