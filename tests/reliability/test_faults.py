@@ -119,8 +119,8 @@ def assert_fell_back_then_resumed(sources: list[str]) -> int:
 
 
 class Fault:
-    """Called with the sources so far: injects the fault after `after` cloud tokens, recovers after `hold`
-    fallback tokens (so it surely hit an escalation in flight, or the next one)."""
+    """Called with the sources so far: injects the fault once `after` tokens are out, recovers once `hold` tokens
+    have fallen back (so the fault surely met an escalation)."""
 
     def __init__(self, inject: Callable[[], None], recover: Callable[[], None], after: int = 10, hold: int = 3) -> None:
         self.inject, self.recover, self.after, self.hold = inject, recover, after, hold
