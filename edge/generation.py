@@ -81,6 +81,23 @@ class DecodeOptions:
             raise ValueError(f"catch_up must be one of {CATCH_UP_MODES}, got {self.catch_up!r}")
 
 
+@dataclass
+class _Generation:
+    """One generation's bookkeeping, shared by the loop's strategies (plain, drafting, lossless, uploads)."""
+
+    session: str
+    options: DecodeOptions
+    hidden_log: list[np.ndarray] = field(default_factory=list)  # layer-K states of every position: the cloud's context source
+    emitted: dict[int, int] = field(default_factory=dict)  # position -> token the edge decided there (online agreement)
+    synced: int = 0  # positions the cloud holds
+    link_up: bool = False
+
+    def roll_back(self, keep: int) -> None:
+        """Forget positions from `keep` on (the edge runtime is truncated by the caller)."""
+        del self.hidden_log[keep:]
+        self.synced = min(self.synced, keep)
+
+
 class CollaborativeDecoder:
     """Drives one edge runtime and an optional cloud link through one generation at a time."""
 
@@ -112,21 +129,17 @@ class CollaborativeDecoder:
         self.stats = stats = GenerationStats()
         started = time.perf_counter()
         rng = np.random.default_rng(options.seed)
-        session = uuid.uuid4().hex
+        gen = _Generation(uuid.uuid4().hex, options, link_up=self.link is not None)
         self.runtime.reset()
-        hidden_log: list[np.ndarray] = []  # layer-K states of every position, the cloud's context source
-        emitted: dict[int, int] = {}  # position -> token the edge decided there (for online agreement)
-        synced = 0  # positions the cloud holds
-        link_up = self.link is not None
         link_before = _link_counters(self.link)
         if self.link is not None:
             try:
-                await self.link.open_session(session)
+                await self.link.open_session(gen.session)
             except CloudUnavailableError:
-                link_up = False
+                gen.link_up = False
 
         step = await self._run(list(prompt_ids))
-        hidden_log.extend(step.hidden)
+        gen.hidden_log.extend(step.hidden)
         draws = rng.random(options.max_new_tokens)  # one uniform per generated token, whichever side picks it
         try:
             while stats.tokens < options.max_new_tokens:
@@ -135,21 +148,16 @@ class CollaborativeDecoder:
                 next_step: EdgeStep | None = None  # set when the edge already ran the last emitted token
                 confident = self.confidence(step.logits, step.hidden[-1]) >= options.threshold
                 if options.lossless and options.sampling.greedy and self.link is not None:
-                    emits, next_step, synced, link_up = await self._lossless_round(
-                        session, hidden_log, synced, emitted, options, step, position
-                    )
+                    emits = await self._lossless_round(gen, step, position)
                 elif confident or self.link is None:
                     emits = [(pick_token(step.logits, options.sampling, u), EDGE)]
                 elif options.draft_ahead > 0:
-                    emits, next_step, synced, link_up = await self._escalate_drafting(
-                        session, hidden_log, synced, emitted, options, draws, step, position
-                    )
+                    emits, next_step = await self._escalate_drafting(gen, draws, step, position)
                 else:
                     try:
-                        token, synced = await self._escalate(session, hidden_log, synced, emitted, options, u, position)
-                        emits, link_up = [(token, CLOUD)], True
+                        emits, gen.link_up = [(await self._escalate(gen, u, position), CLOUD)], True
                     except CloudUnavailableError:
-                        emits, link_up = [(pick_token(step.logits, options.sampling, u), FALLBACK)], False
+                        emits, gen.link_up = [(pick_token(step.logits, options.sampling, u), FALLBACK)], False
                 stop = False
                 for offset, (token, source) in enumerate(emits):
                     stats.tokens += 1
@@ -159,27 +167,27 @@ class CollaborativeDecoder:
                     if stats.tokens == 1:
                         stats.ttft_s = time.perf_counter() - started
                     if source != CLOUD:
-                        emitted[position + offset] = token
+                        gen.emitted[position + offset] = token
                     yield TokenEvent(token, source, position + offset)
                     if token in options.stop_ids or position + offset >= self.runtime.max_positions:
                         stop = True
                         break
                 if stop or stats.tokens >= options.max_new_tokens:
                     break
-                upto = len(hidden_log) - (next_step is not None)  # keep the newest row back for the next escalation
-                if options.catch_up == "eager" and link_up and synced < upto and any(src == EDGE for _, src in emits):
-                    synced = await self._upload_in_background(session, hidden_log, synced, upto, emitted)
+                upto = len(gen.hidden_log) - (next_step is not None)  # keep the newest row back for the next escalation
+                if options.catch_up == "eager" and gen.link_up and gen.synced < upto and any(src == EDGE for _, src in emits):
+                    await self._upload_in_background(gen, upto)
                 if next_step is None:
                     next_step = await self._run([emits[-1][0]])
-                    hidden_log.append(next_step.hidden[-1])
+                    gen.hidden_log.append(next_step.hidden[-1])
                 step = next_step
         finally:
             if self._uploads:
                 await asyncio.gather(*self._uploads, return_exceptions=True)
                 self._uploads.clear()
-            if self.link is not None and link_up:
+            if self.link is not None and gen.link_up:
                 try:
-                    await self.link.close_session(session)
+                    await self.link.close_session(gen.session)
                 except CloudUnavailableError:
                     pass
             positions = len(prompt_ids) + max(stats.tokens - 1, 0)
@@ -194,52 +202,37 @@ class CollaborativeDecoder:
             return self.runtime.run(input_ids)
         return await asyncio.get_running_loop().run_in_executor(self.executor, self.runtime.run, input_ids)
 
-    async def _escalate(
-        self,
-        session: str,
-        hidden_log: list[np.ndarray],
-        synced: int,
-        emitted: dict[int, int],
-        options: DecodeOptions,
-        u: float,
-        upto: int,
-    ) -> tuple[int, int]:
+    async def _escalate(self, gen: _Generation, u: float, upto: int) -> int:
         """Upload rows synced..upto-1 and take the cloud's token for position upto; re-upload from what it holds if it lost some."""
         assert self.link is not None
         for _ in range(3):
-            chunk = np.stack(hidden_log[synced:upto])
+            chunk = np.stack(gen.hidden_log[gen.synced:upto])
             try:
-                result = await self.link.extend(session, synced, chunk, True, options.sampling, u)
+                result = await self.link.extend(gen.session, gen.synced, chunk, True, gen.options.sampling, u)
             except ContextMismatchError as exc:  # evicted or restarted cloud: rebuild from our copy
-                synced = exc.have
+                gen.synced = exc.have
                 continue
             self.stats.cloud_layer_tokens += len(chunk) * self.link.deep_layers
-            self._check_agreement(result.start, result.predicted[:-1], emitted)  # the last one is the escalated token
+            self._check_agreement(result.start, result.predicted[:-1], gen.emitted)  # the last one is the escalated token
             self._last_result = result
-            return int(result.token), result.length
-        raise CloudUnavailableError(f"session {session}: the cloud kept losing its context")
+            gen.synced = result.length
+            return int(result.token)
+        raise CloudUnavailableError(f"session {gen.session}: the cloud kept losing its context")
 
     async def _escalate_drafting(
-        self,
-        session: str,
-        hidden_log: list[np.ndarray],
-        synced: int,
-        emitted: dict[int, int],
-        options: DecodeOptions,
-        draws: np.ndarray,
-        step: EdgeStep,
-        position: int,
-    ) -> tuple[list[tuple[int, str]], EdgeStep | None, int, bool]:
+        self, gen: _Generation, draws: np.ndarray, step: EdgeStep, position: int
+    ) -> tuple[list[tuple[int, str]], EdgeStep | None]:
         """Escalate, and while the answer is on its way keep decoding at the edge on the edge's own guess.
 
         If the cloud's token equals the guess, the drafted tokens are exactly what the plain loop would have
         produced next (same state, same exit decisions), so they are emitted without waiting again; if not, the
         edge rolls back to the escalated position. Drafting stops at the first position that would escalate.
-        Returns the tokens to emit, the edge step after the last of them if it was run, synced, link state.
+        Returns the tokens to emit and the edge step after the last of them if it was run.
         """
+        options, hidden_log = gen.options, gen.hidden_log
         first = self.stats.tokens
         u = float(draws[first])
-        task = asyncio.ensure_future(self._escalate(session, hidden_log, synced, emitted, options, u, position))
+        task = asyncio.ensure_future(self._escalate(gen, u, position))
         await asyncio.sleep(0)  # the escalation's frame goes out before the edge gets busy
         drafts = [pick_token(step.logits, options.sampling, u)]
         steps: list[EdgeStep] = []
@@ -258,36 +251,28 @@ class CollaborativeDecoder:
                 break
             drafts.append(pick_token(drafted.logits, options.sampling, float(draws[first + len(drafts)])))
         try:
-            token, synced = await task
-            source, link_up = CLOUD, True
+            token = await task
+            source, gen.link_up = CLOUD, True
         except CloudUnavailableError:
-            token, source, link_up = drafts[0], FALLBACK, False
+            token, source, gen.link_up = drafts[0], FALLBACK, False
         if token != drafts[0]:
             self.stats.draft_rollbacks += 1
             if self.runtime.length > position:
                 self.runtime.truncate(position)
             del hidden_log[position:]
-            return [(token, source)], None, synced, link_up
+            return [(token, source)], None
         self.stats.drafted_tokens += len(drafts) - 1
         emits = [(drafts[0], source)] + [(d, EDGE) for d in drafts[1:]]
-        return emits, (steps[-1] if len(steps) == len(drafts) else None), synced, link_up
+        return emits, (steps[-1] if len(steps) == len(drafts) else None)
 
-    async def _lossless_round(
-        self,
-        session: str,
-        hidden_log: list[np.ndarray],
-        synced: int,
-        emitted: dict[int, int],
-        options: DecodeOptions,
-        step: EdgeStep,
-        position: int,
-    ) -> tuple[list[tuple[int, str]], EdgeStep | None, int, bool]:
+    async def _lossless_round(self, gen: _Generation, step: EdgeStep, position: int) -> list[tuple[int, str]]:
         """Speculative decoding with the edge as the drafter: draft while confident, verify in one round trip.
 
         The cloud's catch-up pass predicts the full model's token at every uploaded position, so the edge keeps
         its drafts up to the first one the full model would not have chosen, takes the cloud's token there (or
         after the last draft), and rolls back the rest. Greedy output equals the full model's, token for token.
         """
+        options, hidden_log = gen.options, gen.hidden_log
         left = options.max_new_tokens - self.stats.tokens
         drafts: list[int] = []
         ran = 0  # drafts the edge has run (the last one may be a stop token, never run)
@@ -304,12 +289,13 @@ class CollaborativeDecoder:
             hidden_log.append(current.hidden[-1])
             ran += 1
         try:
-            token, synced = await self._escalate(session, hidden_log, synced, emitted, options, 0.0, len(hidden_log))
+            token = await self._escalate(gen, 0.0, len(hidden_log))
         except CloudUnavailableError:  # nothing can be verified: the drafts and the edge's next pick, marked
+            gen.link_up = False
             emits = [(d, FALLBACK) for d in drafts]
             if ran == len(drafts):
                 emits.append((int(np.argmax(current.logits)), FALLBACK))
-            return emits, None, synced, False
+            return emits
         result = self._last_result
         assert result is not None
         accepted = 0
@@ -326,35 +312,33 @@ class CollaborativeDecoder:
             keep = position + accepted
             if self.runtime.length > keep:
                 self.runtime.truncate(keep)
-            del hidden_log[keep:]
-            synced = min(synced, keep)
+            gen.roll_back(keep)
         elif ran == len(drafts):
             emits.append((token, CLOUD))
-        return emits, None, synced, True
+        gen.link_up = True
+        return emits
 
-    async def _upload_in_background(
-        self, session: str, hidden_log: list[np.ndarray], synced: int, upto: int, emitted: dict[int, int]
-    ) -> int:
+    async def _upload_in_background(self, gen: _Generation, upto: int) -> None:
         """Eager catch-up: send the states the cloud lacks now, without waiting for the answer.
 
         The link keeps a session's frames in order, so the next escalation may assume they arrived; if one was
         lost, the cloud answers that escalation with what it holds and the loop re-uploads from there.
         """
         assert self.link is not None
-        chunk = np.stack(hidden_log[synced:upto])
-        task = asyncio.ensure_future(self._upload(session, synced, chunk, emitted))
+        chunk = np.stack(gen.hidden_log[gen.synced:upto])
+        task = asyncio.ensure_future(self._upload(gen, gen.synced, chunk))
         self._uploads = [t for t in self._uploads if not t.done()] + [task]
         await asyncio.sleep(0)  # let the upload's frame go out before anything later in this session
-        return synced + len(chunk)
+        gen.synced += len(chunk)
 
-    async def _upload(self, session: str, start: int, chunk: np.ndarray, emitted: dict[int, int]) -> None:
+    async def _upload(self, gen: _Generation, start: int, chunk: np.ndarray) -> None:
         assert self.link is not None
         try:
-            result = await self.link.extend(session, start, chunk, False, SamplingParams(), 0.0)
+            result = await self.link.extend(gen.session, start, chunk, False, SamplingParams(), 0.0)
         except (CloudUnavailableError, ContextMismatchError):
             return  # the next escalation learns what the cloud holds and re-uploads
         self.stats.cloud_layer_tokens += len(chunk) * self.link.deep_layers
-        self._check_agreement(result.start, result.predicted, emitted)
+        self._check_agreement(result.start, result.predicted, gen.emitted)
 
     def _check_agreement(self, start: int, predicted: list[int], emitted: dict[int, int]) -> None:
         """The catch-up pass predicts every exited position's next token: count how often the edge agreed."""
