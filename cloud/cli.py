@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from offramp.cloud.config import CloudConfig
+from offramp.shared.cli import config_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,23 +44,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = CloudConfig(
-        model=args.model,
-        exit_layer=args.exit_layer,
-        host=args.host,
-        port=args.port,
-        token_file=args.token_file,
-        max_sessions=args.max_sessions,
-        max_sessions_per_client=args.max_sessions_per_client,
-        kv_budget_mb=args.kv_budget_mb,
-        session_ttl_s=args.session_ttl,
-        max_frame_bytes=args.max_frame_bytes,
-        max_batch=args.max_batch,
-        batch_window_s=args.batch_window_ms / 1000,
-        device=args.device,
-        load_in_8bit=args.load_in_8bit,
-        ssl_cert=args.ssl_cert,
-        ssl_key=args.ssl_key,
-    )
+    config = config_from_args(CloudConfig, args, session_ttl_s=args.session_ttl, batch_window_s=args.batch_window_ms / 1000)
     asyncio.run(serve(config))
     return 0

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from offramp.edge.assemble import EDGE_PRECISIONS, build_edge_runtime, build_local_link, resolve_precision
 from offramp.edge.generation import CATCH_UP_MODES, CLOUD, CollaborativeDecoder, DecodeOptions, GenerationStats
+from offramp.shared.cli import config_from_args
 from offramp.shared.codecs import CODECS
 from offramp.shared.sampling import SamplingParams
 
@@ -101,36 +102,17 @@ def run_serve(args: argparse.Namespace) -> int:
     from offramp.edge.daemon import DaemonConfig, serve
     from offramp.edge.sessions import EngineConfig
 
-    engine = EngineConfig(
-        model=args.model,
-        exit_layer=args.exit_layer,
+    engine = config_from_args(
+        EngineConfig, args,
         precision=resolve_precision(args.edge_precision, args.cloud),
-        cloud=args.cloud,
-        codec=args.codec,
-        threshold=args.threshold,
-        max_sessions=args.max_sessions,
-        workers=args.workers,
         artifacts=args.head,
         cloud_token=cloud_token(args.cloud_token_file),
         trained_head=not args.no_trained_head,
-        catch_up=args.catch_up,
-        draft_ahead=args.draft_ahead,
-        lossless=args.lossless,
-        max_draft=args.max_draft,
         cloud_timeout_s=args.cloud_timeout,
         verify_tls=not args.insecure,
         cloud_ca_file=Path(args.cloud_ca_file) if args.cloud_ca_file else None,
     )
-    config = DaemonConfig(
-        engine=engine,
-        host=args.host,
-        port=args.port,
-        token_file=args.token_file,
-        max_body_bytes=args.max_body_bytes,
-        max_tokens_limit=args.max_tokens_limit,
-        default_max_tokens=min(256, args.max_tokens_limit),
-        served_model_name=args.served_model_name,
-    )
+    config = config_from_args(DaemonConfig, args, engine=engine, default_max_tokens=min(256, args.max_tokens_limit))
     serve(config)
     return 0
 
