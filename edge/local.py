@@ -44,6 +44,17 @@ def completion_from_result(result: TextResult, exit_layer: int, threshold: float
     return Completion._with_offramp(result.text, result.finish_reason, usage, offramp)
 
 
+def _unpack(stream: "LocalStream | AsyncLocalStream", item: tuple[str, Any]) -> str | None:
+    """One item from the engine's loop: a text piece, or None at the end (the completion is stored); errors raise."""
+    kind, value = item
+    if kind == "piece":
+        return value
+    if kind == "done":
+        stream.completion = value
+        return None
+    raise value
+
+
 class LocalStream:
     """Text pieces from an in-process generation; `completion` once exhausted; `close()` to stop early."""
 
@@ -54,15 +65,8 @@ class LocalStream:
 
     def __iter__(self) -> Iterator[str]:
         try:
-            while True:
-                kind, value = self._items.get()
-                if kind == "piece":
-                    yield value
-                elif kind == "done":
-                    self.completion = value
-                    return
-                else:
-                    raise value
+            while (piece := _unpack(self, self._items.get())) is not None:
+                yield piece
         finally:
             self._cancel.set()
 
@@ -83,15 +87,8 @@ class AsyncLocalStream:
         cancel = threading.Event()
         self._start(lambda item: loop.call_soon_threadsafe(items.put_nowait, item), cancel)
         try:
-            while True:
-                kind, value = await items.get()
-                if kind == "piece":
-                    yield value
-                elif kind == "done":
-                    self.completion = value
-                    return
-                else:
-                    raise value
+            while (piece := _unpack(self, await items.get())) is not None:
+                yield piece
         finally:
             cancel.set()
 
