@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_modes as bm  # noqa: E402
 import bench_report  # noqa: E402
 from offramp.edge.assemble import resolve_precision  # noqa: E402
+from offramp.models.router import DEFAULT_MAX_PROB_THRESHOLD  # noqa: E402
 from offramp.shared.tokens import stop_token_ids  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,30 +41,36 @@ PROFILE_NAMES = ("lan", "wan", "cellular")
 
 @dataclass
 class BenchConfig:
-    """Everything one run measures; the defaults are the full bench, `quick_config()` the 3-minute one."""
+    """Everything one run measures; the defaults are the full bench (about 35 minutes here), `quick_config()` the
+    3-minute one. The grid is sized for that: plain-loop thresholds at every K, the rest at K0 only."""
 
     model: str = "default"
     prompts: int = 16
     max_new_tokens: int = 64
     profiles: list[str] = field(default_factory=lambda: list(PROFILE_NAMES))
-    exit_layers: list[int] = field(default_factory=lambda: [15, 26])
-    thresholds: list[float] = field(default_factory=lambda: [0.8, 0.95, 2.0])  # 2.0 never exits: the split's ceiling
+    # K0 (the first) is the sweep's: the decode loops, codecs and edge precisions are compared there. At K=26 the
+    # cloud runs 4 of 30 layers, the likeliest route to the cloud-compute target.
+    exit_layers: list[int] = field(default_factory=lambda: [26, 15])
+    # Plain-loop thresholds at every K, besides K's calibrated one (2.0 would never exit: the split's ceiling, at
+    # one round trip per token the slowest setting there is, so not in the default grid).
+    thresholds: list[float] = field(default_factory=lambda: [0.95])
     codecs: list[str] = field(default_factory=lambda: ["int8o", "int8", "fp16", "fp32"])  # int8o: see shared/codecs.py
-    codec_threshold: float | None = None  # the threshold the codec comparison runs at (default: K0's calibrated, else the middle one)
+    codec_threshold: float | None = None  # where codecs, precisions and loops run (default: K0's calibrated, else 0.9)
     # The first is the sweep's: fp32, because int8 edge graphs' layer-K states cost agreement (edge/assemble.py
     # resolve_precision); the others run at K0 and the codec threshold. Edge-only runs the standalone int8 graph.
     edge_precisions: list[str] = field(default_factory=lambda: ["fp32", "int8"])
-    # Decode loops (bench_modes.LOOPS) run beside the plain loop at each K, at its calibrated threshold (else the
-    # codec threshold); lossless also at the lowest threshold, where the edge drafts the most.
-    loops: list[str] = field(default_factory=lambda: ["draft", "eager", "eager+draft", "lossless"])
+    # Decode loops (bench_modes.LOOPS) beside the plain one, at K0 and the codec threshold; lossless also at each of
+    # `lossless_thresholds`: lower thresholds draft more tokens per round trip (and have more of them rejected).
+    loops: list[str] = field(default_factory=lambda: ["draft", "eager", "lossless"])
+    lossless_thresholds: list[float] = field(default_factory=lambda: [0.5])
     draft_ahead: int = 8  # edge tokens drafted while an escalation is in flight, at most
-    max_draft: int = 8  # lossless: drafts verified per round trip
+    max_draft: int = 16  # lossless: drafts verified per round trip, at most
     heads: str = "auto"  # auto: trained exit heads + calibrated rule where present; none: final-norm baseline
     cloud: str = "serve"  # serve | inprocess
     clients: list[int] = field(default_factory=lambda: [1, 4, 16, 32])
     clients_profile: str = "wan"
     grid_profile: str = "wan"  # the full grid runs here; other profiles get cloud-only + the `followup_top` best settings
-    followup_top: int = 6  # the fastest faithful setting of each loop first (see followup_settings); <= 0: the full grid
+    followup_top: int = 3  # the fastest faithful setting of each loop first (see followup_settings); <= 0: the full grid
     requests_per_client: int = 1
     edge_step_bench: bool = True
     out_root: Path = ROOT / "bench-results"
@@ -71,30 +78,26 @@ class BenchConfig:
 
     @classmethod
     def quick_config(cls) -> "BenchConfig":
-        return cls(prompts=4, max_new_tokens=24, profiles=["wan"], exit_layers=[26], thresholds=[0.9], codecs=["int8o"],
-                   edge_precisions=["fp32"], loops=["draft", "lossless"], clients=[1, 4], quick=True)
+        return cls(prompts=4, max_new_tokens=24, profiles=["wan"], exit_layers=[26], thresholds=[], codecs=["int8o"],
+                   edge_precisions=["fp32"], loops=["draft"], clients=[1, 4], quick=True)
 
     def collaborative_settings(self, calibrated: dict[int, float] | None = None) -> list[bm.Setting]:
-        """Every threshold (and K's calibrated one) at every K with the first codec and precision, plain loop; the
-        other loops at each K's calibrated threshold; the other codecs and precisions at K0 and one threshold."""
-        calibrated = calibrated or {}
+        """Every threshold and K's calibrated one at every K, plain loop, first codec and precision; at K0 and the
+        codec threshold, the other loops, codecs and precisions; lossless at K0 and each lossless threshold."""
+        calibrated = {k: round(t, 4) for k, t in (calibrated or {}).items()}
         k0 = self.exit_layers[0]
-        middle = sorted(self.thresholds)[len(self.thresholds) // 2]
-        ct = self.codec_threshold if self.codec_threshold is not None else round(calibrated.get(k0, middle), 4)
-
-        def thresholds(k: int) -> list[float]:
-            return sorted(set(self.thresholds) | ({round(calibrated[k], 4)} if k in calibrated else set()))
+        ct = self.codec_threshold if self.codec_threshold is not None else calibrated.get(k0, DEFAULT_MAX_PROB_THRESHOLD)
 
         def setting(loop: str, k: int, t: float, codec: str | None = None, precision: str | None = None) -> bm.Setting:
             return bm.Setting.with_loop(loop, k, t, codec or self.codecs[0], precision or self.edge_precisions[0],
                                         self.draft_ahead, self.max_draft)
 
-        settings = [setting("plain", k, t) for k in self.exit_layers for t in thresholds(k)]
+        settings = [setting("plain", k0, ct)]
         for k in self.exit_layers:
-            at = round(calibrated[k], 4) if k in calibrated else (ct if k == k0 else middle)
-            settings += [setting(loop, k, at) for loop in self.loops]
-            if "lossless" in self.loops:
-                settings.append(setting("lossless", k, min(thresholds(k))))
+            own = [calibrated[k]] if k in calibrated else ([] if self.thresholds else [DEFAULT_MAX_PROB_THRESHOLD])
+            settings += [setting("plain", k, t) for t in sorted(set(self.thresholds) | set(own))]
+        settings += [setting(loop, k0, ct) for loop in self.loops]
+        settings += [setting("lossless", k0, t) for t in self.lossless_thresholds]
         settings += [setting("plain", k0, ct, codec=c) for c in self.codecs[1:]]
         settings += [setting("plain", k0, ct, precision=p) for p in self.edge_precisions[1:]]
         return list(dict.fromkeys(settings))
@@ -626,12 +629,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=None, help="held-out prompts (half chat, half plain)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--profiles", default=None, help=f"comma list of {PROFILE_NAMES}")
-    p.add_argument("--exit-layers", default=None, help="comma list; the first is the codec comparison's")
-    p.add_argument("--thresholds", default=None, help="comma list")
+    p.add_argument("--exit-layers", default=None, help="comma list; the first (K0) is where loops, codecs and precisions are compared")
+    p.add_argument("--thresholds", default=None, help="comma list: plain-loop thresholds at every K besides the calibrated one")
     p.add_argument("--codecs", default=None, help="comma list; the first is used for the threshold sweep")
-    p.add_argument("--codec-threshold", type=float, default=None)
+    p.add_argument("--codec-threshold", type=float, default=None, help="where K0's loops, codecs and precisions run (default: calibrated)")
     p.add_argument("--edge-precisions", default=None, help="comma list of fp32, int8, torch; the first is the sweep's")
     p.add_argument("--loops", default=None, help=f"comma list of decode loops beside plain, from {bm.LOOPS}")
+    p.add_argument("--lossless-thresholds", default=None, help="comma list: lossless also runs at these (K0)")
     p.add_argument("--draft-ahead", type=int, default=None, help="draft loops: edge tokens drafted per round trip at most")
     p.add_argument("--max-draft", type=int, default=None, help="lossless: drafts verified per round trip at most")
     p.add_argument("--grid-profile", default=None, help="the profile that runs every setting (default wan)")
@@ -653,7 +657,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     strs = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     for name, conv in (("model", str), ("prompts", int), ("max_new_tokens", int), ("profiles", strs),
                        ("exit_layers", ints), ("thresholds", floats), ("codecs", strs), ("codec_threshold", float),
-                       ("edge_precisions", strs), ("loops", strs), ("draft_ahead", int), ("max_draft", int), ("grid_profile", str), ("followup_top", int), ("heads", str), ("cloud", str), ("clients", ints), ("clients_profile", str),
+                       ("edge_precisions", strs), ("loops", strs), ("lossless_thresholds", floats), ("draft_ahead", int), ("max_draft", int), ("grid_profile", str), ("followup_top", int), ("heads", str), ("cloud", str), ("clients", ints), ("clients_profile", str),
                        ("requests_per_client", int)):
         value = getattr(args, name)
         if value is not None:
