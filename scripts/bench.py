@@ -42,7 +42,7 @@ PROFILE_NAMES = ("lan", "wan", "cellular")
 @dataclass
 class BenchConfig:
     """Everything one run measures; the defaults are the full bench (about 35 minutes here), `quick_config()` the
-    3-minute one. The grid is sized for that: plain-loop thresholds at every K, the rest at K0 only."""
+    3-minute one. The grid is sized for that: every K at its calibrated threshold, the rest at K0 only."""
 
     model: str = "default"
     prompts: int = 16
@@ -51,8 +51,8 @@ class BenchConfig:
     # K0 (the first) is the sweep's: the decode loops, codecs and edge precisions are compared there. At K=26 the
     # cloud runs 4 of 30 layers, the likeliest route to the cloud-compute target.
     exit_layers: list[int] = field(default_factory=lambda: [26, 15])
-    # Plain-loop thresholds at every K, besides K's calibrated one (2.0 would never exit: the split's ceiling, at
-    # one round trip per token the slowest setting there is, so not in the default grid).
+    # Plain-loop thresholds at K0 besides its calibrated one; the other Ks run their calibrated one (else 0.9). 2.0
+    # would never exit (the split's ceiling): one round trip per token, the slowest setting, so not in the default.
     thresholds: list[float] = field(default_factory=lambda: [0.95])
     codecs: list[str] = field(default_factory=lambda: ["int8o", "int8", "fp16", "fp32"])  # int8o: see shared/codecs.py
     codec_threshold: float | None = None  # where codecs, precisions and loops run (default: K0's calibrated, else 0.9)
@@ -82,8 +82,8 @@ class BenchConfig:
                    edge_precisions=["fp32"], loops=["draft"], clients=[1, 4], quick=True)
 
     def collaborative_settings(self, calibrated: dict[int, float] | None = None) -> list[bm.Setting]:
-        """Every threshold and K's calibrated one at every K, plain loop, first codec and precision; at K0 and the
-        codec threshold, the other loops, codecs and precisions; lossless at K0 and each lossless threshold."""
+        """Plain loop, first codec and precision: every K at its calibrated threshold, K0 also at every threshold; at
+        K0 and the codec threshold, the other loops, codecs and precisions; lossless at K0 and each lossless threshold."""
         calibrated = {k: round(t, 4) for k, t in (calibrated or {}).items()}
         k0 = self.exit_layers[0]
         ct = self.codec_threshold if self.codec_threshold is not None else calibrated.get(k0, DEFAULT_MAX_PROB_THRESHOLD)
@@ -94,8 +94,9 @@ class BenchConfig:
 
         settings = [setting("plain", k0, ct)]
         for k in self.exit_layers:
-            own = [calibrated[k]] if k in calibrated else ([] if self.thresholds else [DEFAULT_MAX_PROB_THRESHOLD])
-            settings += [setting("plain", k, t) for t in sorted(set(self.thresholds) | set(own))]
+            swept = set(self.thresholds) if k == k0 else set()
+            own = {calibrated[k]} if k in calibrated else (set() if swept else {DEFAULT_MAX_PROB_THRESHOLD})
+            settings += [setting("plain", k, t) for t in sorted(swept | own)]
         settings += [setting(loop, k0, ct) for loop in self.loops]
         settings += [setting("lossless", k0, t) for t in self.lossless_thresholds]
         settings += [setting("plain", k0, ct, codec=c) for c in self.codecs[1:]]
@@ -630,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--profiles", default=None, help=f"comma list of {PROFILE_NAMES}")
     p.add_argument("--exit-layers", default=None, help="comma list; the first (K0) is where loops, codecs and precisions are compared")
-    p.add_argument("--thresholds", default=None, help="comma list: plain-loop thresholds at every K besides the calibrated one")
+    p.add_argument("--thresholds", default=None, help="comma list: plain-loop thresholds at K0 besides the calibrated one")
     p.add_argument("--codecs", default=None, help="comma list; the first is used for the threshold sweep")
     p.add_argument("--codec-threshold", type=float, default=None, help="where K0's loops, codecs and precisions run (default: calibrated)")
     p.add_argument("--edge-precisions", default=None, help="comma list of fp32, int8, torch; the first is the sweep's")
