@@ -5,7 +5,8 @@ link emulator (its own process, profile switched through its control port), and 
 prompts:
 - cloud-only: the prompt goes up, the cloud's full model streams tokens back (`POST /v1/completions`);
 - edge-only: layers 0..K-1 + exit head, no cloud (no network; measured once, shown with every profile);
-- collaborative: the real decode loop with a `WebSocketCloudLink`, at several thresholds, exit layers, codecs.
+- collaborative: the real decode loop with a `WebSocketCloudLink`, at several thresholds, exit layers, codecs,
+  edge precisions and decode loops (plain, drafting while an escalation is in flight, eager catch-up, lossless).
 Then the multi-client runs (N concurrent edges against one cloud vs N cloud-only clients), the edge step
 micro-benchmark, and `bench-results/<timestamp>/` with results.json, report.md and PNG plots.
 
