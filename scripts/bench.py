@@ -71,7 +71,7 @@ class BenchConfig:
     clients: list[int] = field(default_factory=lambda: [1, 4, 16, 32])
     clients_profile: str = "wan"
     grid_profile: str = "wan"  # the full grid runs here; other profiles get cloud-only + the `followup_top` best settings
-    followup_top: int = 3  # the fastest faithful setting of each loop first (see followup_settings); <= 0: the full grid
+    followup_top: int = 2  # the fastest faithful setting of each loop first (see followup_settings); <= 0: the full grid
     requests_per_client: int = 1
     edge_step_bench: bool = True
     out_root: Path = ROOT / "bench-results"
