@@ -271,20 +271,29 @@ async def test_cloud_killed_mid_generation_and_restarted_rebuilds_the_session(fu
     assert link.reconnects >= 1
 
 
+async def run_twice_with_fault(full_model, link, options: DecodeOptions, at: int, fault) -> tuple[list[int], list[int], list[str]]:
+    """An undisturbed run for reference, then the same run with `await fault()` once `at` tokens are out."""
+    reference = [e.token_id async for e in decoder(full_model, link).stream(PROMPT, options)]
+    tokens, sources = [], []
+    async for event in decoder(full_model, link).stream(PROMPT, options):
+        tokens.append(event.token_id)
+        sources.append(event.source)
+        if len(tokens) == at:
+            await fault()
+    return reference, tokens, sources
+
+
 async def test_cloud_restarted_between_escalations_loses_nothing(full_model, live_cloud, emulated_link) -> None:  # noqa: F811
     """The cloud dies and comes back while no escalation is in flight: no fallback token at all, and the tokens
     are those of an uninterrupted run (the new cloud got the whole context from the edge)."""
     link = edge_link(full_model, f"ws://127.0.0.1:{emulated_link.port}", timeout_s=10.0)
     options = DecodeOptions(max_new_tokens=60, threshold=2.0)
+    async def restart() -> None:
+        await asyncio.to_thread(live_cloud.kill)
+        await asyncio.to_thread(live_cloud.ensure)
+
     try:
-        reference = [e.token_id async for e in decoder(full_model, link).stream(PROMPT, options)]
-        tokens, sources = [], []
-        async for event in decoder(full_model, link).stream(PROMPT, options):
-            tokens.append(event.token_id)
-            sources.append(event.source)
-            if len(tokens) == 20:
-                await asyncio.to_thread(live_cloud.kill)
-                await asyncio.to_thread(live_cloud.ensure)
+        reference, tokens, sources = await run_twice_with_fault(full_model, link, options, 20, restart)
     finally:
         await link.aclose()
     assert sources == [CLOUD] * 60 and tokens == reference
@@ -350,14 +359,11 @@ async def test_connection_reset_under_an_escalation_costs_no_fallback_token(full
     options = DecodeOptions(max_new_tokens=30, threshold=2.0)
     async with LinkEmulator(("127.0.0.1", live_cloud.port), LinkProfile.symmetric("far", 0.1, None)) as emu:
         link = edge_link(full_model, f"ws://127.0.0.1:{emu.port}")
+        async def reset_soon() -> None:  # the next escalation leaves at once and is answered 200 ms later
+            asyncio.get_running_loop().call_later(0.05, emu.reset)
+
         try:
-            reference = [e.token_id async for e in decoder(full_model, link).stream(PROMPT, options)]
-            tokens, sources = [], []
-            async for event in decoder(full_model, link).stream(PROMPT, options):
-                tokens.append(event.token_id)
-                sources.append(event.source)
-                if len(tokens) == 10:  # the next escalation leaves at once and is answered 200 ms later
-                    asyncio.get_running_loop().call_later(0.05, emu.reset)
+            reference, tokens, sources = await run_twice_with_fault(full_model, link, options, 10, reset_soon)
         finally:
             await link.aclose()
     assert emu.stats.resets == 1 and link.reconnects >= 1
