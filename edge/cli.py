@@ -12,7 +12,7 @@ from pathlib import Path
 from offramp.edge.assemble import EDGE_PRECISIONS, build_edge_runtime, build_local_link, resolve_precision
 from offramp.edge.generation import CATCH_UP_MODES, CLOUD, CollaborativeDecoder, DecodeOptions, GenerationStats
 from offramp.shared.cli import config_from_args
-from offramp.shared.codecs import CODECS
+from offramp.shared.codecs import CODECS, DEFAULT_CODEC
 from offramp.shared.sampling import SamplingParams
 
 
@@ -62,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cloud", default="local", help="'local' (in-process), 'none' (edge-standalone), or ws://HOST:PORT")
     p.add_argument("--token-file", type=Path, default=None, help="file holding the cloud's bearer token (else $OFFRAMP_TOKEN or $OFFRAMP_CLOUD_TOKEN)")
     p.add_argument("--cloud-only", action="store_true", help="baseline: run every layer in the cloud")
-    p.add_argument("--codec", choices=sorted(CODECS), default="fp16", help="hidden-state codec on the link")
+    p.add_argument("--codec", choices=sorted(CODECS), default=DEFAULT_CODEC, help="hidden-state codec on the link (int8o: int8 with outlier channels exact)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
@@ -85,7 +85,7 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
     add_decision_flags(p)
     p.add_argument("--edge-precision", choices=EDGE_PRECISIONS, default="auto",
                    help="auto: the int8 graph standalone, fp32 when collaborating (int8 states change the cloud's answers)")
-    p.add_argument("--codec", choices=sorted(CODECS), default="fp16", help="hidden-state codec on the link")
+    p.add_argument("--codec", choices=sorted(CODECS), default=DEFAULT_CODEC, help="hidden-state codec on the link (int8o: int8 with outlier channels exact)")
     p.add_argument("--host", default="127.0.0.1", help="bind address; anything but loopback needs --token-file")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port (printed at start)")
     p.add_argument("--token-file", type=Path, default=None, help="file holding the bearer token clients must send")

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from offramp.edge.client import Completion, GenerateOptions, Prompt, chat_messages, completion_prompt
 from offramp.edge.sessions import EdgeService, EngineConfig, TextRequest, TextResult
+from offramp.shared.codecs import DEFAULT_CODEC
 from offramp.shared.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -110,7 +111,7 @@ class LocalEngine:
         cloud: str = "none",
         precision: str = "torch",
         threshold: float | None = None,
-        codec: str = "fp16",
+        codec: str = DEFAULT_CODEC,
         cloud_token: str | None = None,
         artifacts: str | Path | None = None,
         trained_head: bool = True,

@@ -28,7 +28,7 @@ from offramp.cloud.engine import DeepEngine, DeepResult, ExtendRequest
 from offramp.edge.generation import CollaborativeDecoder, DecodeOptions, GenerationStats
 from offramp.edge.link import CloudLink, CloudUnavailableError, LinkStats, LocalCloudLink
 from offramp.edge.runtime import EdgeRuntime
-from offramp.shared.codecs import CODECS, get_codec
+from offramp.shared.codecs import CODECS, DEFAULT_CODEC, get_codec
 from offramp.shared.errors import OfframpError
 from offramp.shared.sampling import SamplingParams
 
@@ -53,7 +53,7 @@ class EngineConfig:
     exit_layer: int = 15
     precision: str = "torch"  # torch | fp32 | int8 (see offramp.edge.assemble.EDGE_PRECISIONS)
     cloud: str = CLOUD_NONE  # none | local | ws://host:port[/path] | wss://...
-    codec: str = "fp16"
+    codec: str = DEFAULT_CODEC
     threshold: float | None = None  # exit when confidence >= threshold (> 1 never exits); None: calibrated, else 0.9
     max_sessions: int = 16  # concurrent requests; one more gets BusyError
     workers: int | None = None  # compute threads; None = the machine's cores

@@ -23,7 +23,7 @@ import numpy as np
 from offramp.cloud.engine import ContextMismatchError, DeepResult
 from offramp.edge.link import CloudUnavailableError, LinkStats
 from offramp.shared import protocol as p
-from offramp.shared.codecs import get_codec
+from offramp.shared.codecs import DEFAULT_CODEC, get_codec
 from offramp.shared.errors import OfframpError
 from offramp.shared.sampling import SamplingParams
 
@@ -56,7 +56,7 @@ class WebSocketCloudLink:
     def __init__(
         self,
         url: str,
-        codec: str = "fp16",
+        codec: str = DEFAULT_CODEC,
         manifest: dict[str, Any] | None = None,
         token: str | None = None,
         timeout_s: float = 10.0,
