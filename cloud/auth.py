@@ -18,7 +18,7 @@ from pathlib import Path
 
 from offramp.shared.auth import AuthConfigError, is_loopback, read_token_list
 
-__all__ = ["ANONYMOUS", "TOKEN_ENV", "AuthConfigError", "BearerAuth", "check_bind", "is_loopback", "read_token", "read_tokens"]
+__all__ = ["ANONYMOUS", "TOKEN_ENV", "AuthConfigError", "BearerAuth", "check_bind", "is_loopback", "read_tokens"]
 
 TOKEN_ENV = "OFFRAMP_CLOUD_TOKEN"
 ANONYMOUS = "anonymous"
@@ -30,12 +30,6 @@ def read_tokens(path: Path | str | None, env: str = TOKEN_ENV) -> list[str] | No
         return read_token_list(path)
     value = os.environ.get(env, "").strip()
     return [value] if value else None
-
-
-def read_token(path: Path | str | None, env: str = TOKEN_ENV) -> str | None:
-    """The first client token (see `read_tokens`); for callers that need one."""
-    tokens = read_tokens(path, env)
-    return tokens[0] if tokens else None
 
 
 def check_bind(host: str, token: str | Sequence[str] | None) -> None:

@@ -10,7 +10,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from offramp.cloud.auth import AuthConfigError, check_bind, read_token
+from offramp.cloud.auth import AuthConfigError, check_bind, read_tokens
 from offramp.cloud.full_model import FullModelRunner
 from offramp.edge.generation import CLOUD, EDGE, CollaborativeDecoder, DecodeOptions
 from offramp.edge.link import CloudUnavailableError
@@ -286,12 +286,12 @@ def test_unsafe_bind_and_bad_token_files_are_refused(tmp_path) -> None:
     check_bind("127.0.0.1", None)
     check_bind("0.0.0.0", "t")
     with pytest.raises(AuthConfigError, match="cannot read"):
-        read_token(tmp_path / "missing")
+        read_tokens(tmp_path / "missing")
     (tmp_path / "empty").write_text("  \n")
     with pytest.raises(AuthConfigError, match="empty"):
-        read_token(tmp_path / "empty")
+        read_tokens(tmp_path / "empty")
     (tmp_path / "t").write_text("abc\n")
-    assert read_token(tmp_path / "t") == "abc"
+    assert read_tokens(tmp_path / "t") == ["abc"]
     with pytest.raises(LinkConfigError):
         edge_url("http:/nowhere")
     assert edge_url("http://h:1") == "ws://h:1/v1/edge" and edge_url("wss://h:1/x") == "wss://h:1/x"
