@@ -1,9 +1,8 @@
 """`offramp edge serve` as a real process on loopback: standalone, collaborative (in-process cloud, and a ws://
-cloud once `offramp cloud serve` exists) and fallback (a cloud URL on a closed port, a cloud killed mid-run)."""
+cloud from `offramp cloud serve`) and fallback (a cloud URL on a closed port, a cloud killed mid-run)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import signal
@@ -21,8 +20,6 @@ from tests.edge.conftest import REQUEST_TIMEOUT, DaemonProcess, http, sse_events
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 CHAT = {"messages": [{"role": "user", "content": "What is gravity?"}], "max_tokens": 8, "temperature": 0}
-HAS_WS_LINK = importlib.util.find_spec("offramp.edge.ws_link") is not None
-HAS_CLOUD_SERVER = importlib.util.find_spec("offramp.cloud.server") is not None
 
 
 def closed_port() -> int:
@@ -92,7 +89,6 @@ def test_public_bind_without_token_is_refused_and_with_token_requires_it(tmp_pat
         assert daemon.stop() == 0
 
 
-@pytest.mark.skipif(not HAS_WS_LINK, reason="offramp.edge.ws_link (the WebSocket cloud link) is not built yet")
 def test_cloud_on_a_closed_port_means_fallback_tokens_and_health_down() -> None:
     daemon = DaemonProcess(cloud=f"ws://127.0.0.1:{closed_port()}", threshold=2.0).start()
     try:
@@ -138,7 +134,6 @@ class CloudProcess:
             self.proc.wait(timeout=30)
 
 
-@pytest.mark.skipif(not (HAS_WS_LINK and HAS_CLOUD_SERVER), reason="the cloud server and WebSocket link are not built yet")
 def test_ws_cloud_collaborates_then_falls_back_when_killed() -> None:
     port = closed_port()
     cloud = CloudProcess(port)
