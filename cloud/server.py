@@ -193,6 +193,7 @@ class CloudState:
         self.metrics.kv_bytes.set(self.engine.contexts.nbytes)
 
     def health(self) -> dict:
+        dtype = str(self.engine.dtype).replace("torch.", "")
         return {
             "status": "draining" if self.draining else "ok",
             "version": __version__,
@@ -202,8 +203,8 @@ class CloudState:
             "exit_layer": self.config.exit_layer,
             "deep_layers": self.deep_layers,
             "device": str(self.engine.device),
-            "dtype": str(self.engine.dtype).replace("torch.", ""),
-            "weights": "int8 (bitsandbytes)" if self.config.load_in_8bit else str(self.engine.dtype).replace("torch.", ""),
+            "dtype": dtype,
+            "weights": "int8 (bitsandbytes)" if self.config.load_in_8bit else dtype,
             "sessions": len(self.engine.contexts),
             "kv_bytes": self.engine.contexts.nbytes,
             "kv_budget_bytes": self.config.kv_budget_bytes,

@@ -51,7 +51,7 @@ DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
 
 
 class DaemonConfigError(OfframpError, ValueError):
-    """A daemon setting that is unsafe or cannot work (a public bind without a token, an empty token file)."""
+    """A daemon setting that is unsafe or cannot work (a public bind without a token, a port in use); token files raise AuthConfigError."""
 
 
 @dataclass(frozen=True)
