@@ -12,7 +12,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 
-from offramp.cloud.engine import DeepEngine, DeepResult, ExtendRequest
+from offramp.cloud.engine import DeepEngine
+from offramp.shared.contract import DeepResult, ExtendRequest
 
 
 class Batcher:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from aiohttp import web
 
-from offramp.cloud.engine import ExtendRequest
+from offramp.shared.contract import ExtendRequest
 from offramp.shared.sampling import SamplingParams
 
 if TYPE_CHECKING:

@@ -16,13 +16,7 @@ import torch
 
 from offramp.models.decoder import KV
 from offramp.shared import protocol as p
-from offramp.shared.errors import OfframpError
-
-
-class SessionError(OfframpError):
-    """Base of session-level refusals the server turns into error frames."""
-
-    code = p.INTERNAL  # subclasses name the refusal
+from offramp.shared.contract import SessionError
 
 
 class UnknownSessionError(SessionError):

@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING
 import msgpack
 from aiohttp import WSMsgType, web
 
-from offramp.cloud.context import SessionError
-from offramp.cloud.engine import ContextMismatchError, ExtendRequest
+from offramp.shared.contract import ContextMismatchError, ExtendRequest, SessionError
 from offramp.shared import protocol as p
 from offramp.shared.codecs import CodecError, get_codec
 from offramp.shared.sampling import SamplingParams

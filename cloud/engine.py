@@ -8,25 +8,14 @@ against what it emitted (agreement online; rollback in lossless mode).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 
-from offramp.cloud.context import ContextManager, SessionContext, SessionError
+from offramp.cloud.context import ContextManager, SessionContext
 from offramp.models.split import CloudPart
-from offramp.shared.protocol import BAD_HIDDEN, BAD_POSITIONS, CONTEXT_MISSING
+from offramp.shared.contract import ContextMismatchError, DeepResult, ExtendRequest, SessionError
+from offramp.shared.protocol import BAD_HIDDEN, BAD_POSITIONS
 from offramp.shared.sampling import SamplingParams, pick_token
-
-
-class ContextMismatchError(SessionError):
-    """The edge sent positions from `start` but the cloud holds fewer; the edge must re-upload from `have`."""
-
-    code = CONTEXT_MISSING
-
-    def __init__(self, session_id: str, start: int, have: int) -> None:
-        super().__init__(f"session {session_id!r}: upload starts at position {start} but the cloud holds {have}")
-        self.have = have
 
 
 class PositionError(SessionError):
@@ -38,26 +27,6 @@ class BadHiddenError(SessionError):
     their rows enters the session's KV (a rollback the request asked for, start < held, still happens)."""
 
     code = BAD_HIDDEN
-
-
-@dataclass
-class ExtendRequest:
-    session_id: str
-    start: int
-    hidden: np.ndarray  # [n, H] float32, positions start..start+n-1
-    owner: str = ""
-    want_token: bool = True  # an escalation: pick the next token at the last position
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    u: float = 0.0  # the edge's uniform draw for sampling
-
-
-@dataclass
-class DeepResult:
-    start: int
-    predicted: list[int]  # the full model's argmax next token at each position
-    logprobs: list[float]  # log-prob of that argmax
-    token: int | None  # the chosen next token after the last position (escalations only)
-    length: int  # positions the cloud now holds for the session
 
 
 def device_for(device: str | None) -> torch.device:

@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from offramp.cloud.engine import ContextMismatchError, DeepResult
 from offramp.edge.link import CloudLink, CloudUnavailableError
 from offramp.edge.runtime import EdgeRuntime, EdgeStep
+from offramp.shared.contract import ContextMismatchError, DeepResult
 from offramp.shared.sampling import SamplingParams, pick_token, softmax
 
 EDGE, CLOUD, FALLBACK = "edge", "cloud", "edge-fallback"

@@ -11,7 +11,8 @@ from typing import Protocol
 
 import numpy as np
 
-from offramp.cloud.engine import DeepEngine, DeepResult, ExtendRequest
+from offramp.cloud.engine import DeepEngine
+from offramp.shared.contract import DeepResult, ExtendRequest
 from offramp.shared.codecs import get_codec
 from offramp.shared.errors import OfframpError
 from offramp.shared.sampling import SamplingParams

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from offramp.cloud.engine import DeepEngine, DeepResult, ExtendRequest
+from offramp.cloud.engine import DeepEngine
+from offramp.shared.contract import DeepResult, ExtendRequest
 from offramp.edge.generation import CollaborativeDecoder, DecodeOptions, GenerationStats
 from offramp.edge.link import CloudLink, CloudUnavailableError, LinkStats, LocalCloudLink
 from offramp.edge.runtime import EdgeRuntime

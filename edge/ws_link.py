@@ -20,9 +20,9 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import numpy as np
 
-from offramp.cloud.engine import ContextMismatchError, DeepResult
 from offramp.edge.link import CloudUnavailableError, LinkStats
 from offramp.shared import protocol as p
+from offramp.shared.contract import ContextMismatchError, DeepResult
 from offramp.shared.codecs import DEFAULT_CODEC, get_codec
 from offramp.shared.errors import OfframpError
 from offramp.shared.sampling import SamplingParams

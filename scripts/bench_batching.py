@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from offramp.cloud.context import ContextManager
-from offramp.cloud.engine import DeepEngine, DeepResult, ExtendRequest
+from offramp.cloud.engine import DeepEngine
+from offramp.shared.contract import DeepResult, ExtendRequest
 from offramp.models import load_model
 from offramp.models.decoder import KV
 from offramp.models.split import CloudPart, EdgePart

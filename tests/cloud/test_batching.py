@@ -10,7 +10,8 @@ import torch
 
 from offramp.cloud.batcher import Batcher
 from offramp.cloud.context import ContextManager, SessionOwnerError
-from offramp.cloud.engine import ContextMismatchError, DeepEngine, ExtendRequest, PositionError
+from offramp.cloud.engine import DeepEngine, PositionError
+from offramp.shared.contract import ContextMismatchError, ExtendRequest
 from offramp.models.split import CloudPart
 from tests.conftest import make_tiny_llama
 

@@ -93,7 +93,7 @@ def valid_body(draw: st.DrawFn, chat: bool) -> dict[str, Any]:
 # Values of the wrong JSON type for each field (null means "not given", so it is never here).
 NOT_INT = st.one_of(st.text(max_size=5), st.floats(allow_nan=False, allow_infinity=False), st.booleans(), st.lists(st.integers(), max_size=2),
                     st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
-NOT_NUMBER = st.one_of(st.text(max_size=5), st.booleans(), st.lists(st.floats(allow_nan=False), max_size=2), st.just({}))
+NOT_NUMBER = st.one_of(st.text(max_size=5), st.booleans(), st.lists(st.floats(allow_nan=False, allow_infinity=False), max_size=2), st.just({}))
 NOT_STR = st.one_of(st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.booleans(), st.just({}))
 NOT_BOOL = st.one_of(st.integers(), st.text(max_size=5), st.floats(allow_nan=False, allow_infinity=False), st.just([]))
 WRONG_TYPES = {
