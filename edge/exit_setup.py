@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from offramp.models.exit_heads import HEAD_MANIFEST
-from offramp.models.router import DEFAULT_MAX_PROB_THRESHOLD, ROUTER_FILE, ExitRule, load_exit_rule
+from offramp.shared.exit_rule import DEFAULT_MAX_PROB_THRESHOLD, ROUTER_FILE, ExitRule, load_exit_rule
 from offramp.shared.errors import ArtifactError
 
 

@@ -15,7 +15,8 @@ import onnxruntime as ort
 
 from offramp.edge.runtime import EdgeStep
 from offramp.edge.torch_runtime import ContextLengthError
-from offramp.models.export import GRAPH_FILE, PRECISIONS, check_manifest, export_edge, head_identity, io_names
+from offramp.models.export import export_edge, head_identity
+from offramp.shared.edge_manifest import GRAPH_FILE, PRECISIONS, check_manifest, io_names
 from offramp.shared.errors import ArtifactError
 
 MAX_DEFAULT_THREADS = 8

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from offramp.models.export import PRECISIONS
+from offramp.shared.edge_manifest import PRECISIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +32,7 @@ def add_export(subparsers: argparse._SubParsersAction) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from offramp.edge.onnx_runtime import ensure_edge_graph
     from offramp.models import load_model
-    from offramp.models.export import MANIFEST_FILE
+    from offramp.shared.edge_manifest import MANIFEST_FILE
 
     model, _ = load_model(args.model)
     out = ensure_edge_graph(
@@ -138,7 +138,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from offramp.models import load_model, model_fingerprint
     from offramp.models.evaluate import calibrate_head
     from offramp.models.exit_heads import load_head
-    from offramp.models.router import save_exit_rule
+    from offramp.shared.exit_rule import save_exit_rule
     from offramp.models.teacher import HUMAN_SOURCES, SERVING_SOURCES, SOURCES
     from offramp.models.train_exits import prepare
 
@@ -171,7 +171,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from offramp.models import load_model, model_fingerprint
     from offramp.models.evaluate import evaluate_layer, pareto_plot
     from offramp.models.exit_heads import FinalNormHead, load_head
-    from offramp.models.router import load_exit_rule
+    from offramp.shared.exit_rule import load_exit_rule
     from offramp.models.train_exits import prepare
 
     model, _ = load_model(args.model)

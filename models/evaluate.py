@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 
 from offramp.models.corpus import TextSequence
 from offramp.models.fingerprint import model_fingerprint
-from offramp.models.router import NEVER, ExitRule, logit_features
+from offramp.shared.exit_rule import NEVER, ExitRule, logit_features
 from offramp.models.split import CloudPart, EdgePart
 from offramp.models.teacher import HUMAN_SOURCES, SERVING_SOURCES, TeacherData
 from offramp.shared.errors import SplitConfigError

@@ -27,22 +27,18 @@ from transformers import PreTrainedModel
 from offramp.models.decoder import run_layers
 from offramp.models.fingerprint import model_fingerprint
 from offramp.models.split import EdgePart
-from offramp.shared.errors import ArtifactError
+from offramp.shared.edge_manifest import (
+    GRAPH_FILE,
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
+    MANIFEST_FORMAT_VERSION,
+    PRECISIONS,
+    io_names,
+)
 from offramp.shared.version import __version__
 
-GRAPH_FILE = "edge.onnx"
-MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = "offramp-edge-graph"
-MANIFEST_FORMAT_VERSION = 1
 OPSET = 18
-PRECISIONS = ("fp32", "int8")
 _PROTOBUF_LIMIT = 1_800_000_000  # bytes of weights above which the graph is saved with external data
-
-
-def io_names(exit_layer: int) -> tuple[list[str], list[str]]:
-    """Input and output tensor names of the edge graph, in order."""
-    kv = [(f"{kv}_{i}") for i in range(exit_layer) for kv in ("key", "value")]
-    return ["input_ids", "position_ids"] + [f"past_{n}" for n in kv], ["exit_logits", "hidden"] + [f"present_{n}" for n in kv]
 
 
 def io_spec(edge: EdgePart) -> tuple[list[dict], list[dict]]:
@@ -229,42 +225,3 @@ def export_edge(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def read_manifest(graph_dir: Path | str) -> dict:
-    """The parsed manifest of an exported graph dir; ArtifactError if it is missing or not ours."""
-    path = Path(graph_dir) / MANIFEST_FILE
-    if not path.is_file():
-        raise ArtifactError(f"no {MANIFEST_FILE} in {graph_dir}: not an exported edge graph (run `offramp export`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path} is not valid JSON ({exc}); re-export the edge graph") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ArtifactError(f"{path} is not an offramp edge-graph manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
-    if manifest.get("format_version") != MANIFEST_FORMAT_VERSION:
-        raise ArtifactError(f"{path} has format_version {manifest.get('format_version')!r}; this offramp reads {MANIFEST_FORMAT_VERSION}")
-    return manifest
-
-
-def check_manifest(
-    graph_dir: Path | str,
-    fingerprint: str | None = None,
-    exit_layer: int | None = None,
-    precision: str | None = None,
-    head: dict | None = None,
-) -> dict:
-    """Read the manifest, check the files it lists exist with their sizes, and compare the given expectations."""
-    graph_dir = Path(graph_dir)
-    manifest = read_manifest(graph_dir)
-    for name, size in manifest.get("files", {}).items():
-        path = graph_dir / name
-        if not path.is_file():
-            raise ArtifactError(f"{path} is missing (listed in {MANIFEST_FILE}); re-export the edge graph")
-        if path.stat().st_size != size:
-            raise ArtifactError(f"{path} is {path.stat().st_size} bytes, the manifest says {size}: truncated or replaced; re-export")
-    expected = {"model_fingerprint": fingerprint, "exit_layer": exit_layer, "precision": precision, "head": head}
-    for key, want in expected.items():
-        if want is not None and manifest.get(key) != want:
-            raise ArtifactError(f"edge graph in {graph_dir} has {key}={manifest.get(key)!r}, expected {want!r}")
-    return manifest

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_modes as bm  # noqa: E402
 import bench_report  # noqa: E402
 from offramp.edge.assemble import resolve_precision  # noqa: E402
-from offramp.models.router import DEFAULT_MAX_PROB_THRESHOLD  # noqa: E402
+from offramp.shared.exit_rule import DEFAULT_MAX_PROB_THRESHOLD  # noqa: E402
 from offramp.shared.tokens import stop_token_ids  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -67,7 +67,7 @@ def main() -> None:
     from offramp.edge.onnx_runtime import OnnxEdgeRuntime, default_threads, ensure_edge_graph
     from offramp.edge.torch_runtime import TorchEdgeRuntime
     from offramp.models import load_model
-    from offramp.models.export import GRAPH_FILE
+    from offramp.shared.edge_manifest import GRAPH_FILE
     from offramp.models.split import EdgePart
 
     threads = args.threads or default_threads()

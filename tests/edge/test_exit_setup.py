@@ -13,7 +13,7 @@ from offramp.edge.exit_setup import find_trained_head, resolve_exit_setup
 from offramp.edge.generation import CollaborativeDecoder, DecodeOptions
 from offramp.models.exit_heads import build_head, save_head
 from offramp.models.fingerprint import model_fingerprint
-from offramp.models.router import ExitRule, save_exit_rule
+from offramp.shared.exit_rule import ExitRule, save_exit_rule
 from offramp.models.train_exits import default_head_dir
 from offramp.shared.errors import ArtifactError
 from tests.conftest import make_tiny_llama

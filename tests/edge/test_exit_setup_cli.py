@@ -16,7 +16,7 @@ import offramp.models as models_pkg
 from offramp.edge.sessions import EdgeService, EngineConfig
 from offramp.models.exit_heads import build_head, save_head
 from offramp.models.fingerprint import model_fingerprint
-from offramp.models.router import ExitRule, save_exit_rule
+from offramp.shared.exit_rule import ExitRule, save_exit_rule
 from offramp.models.train_exits import default_head_dir
 from offramp.shared.cli import main
 from tests.conftest import make_tiny_llama

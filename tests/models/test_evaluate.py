@@ -10,7 +10,7 @@ import torch
 
 from offramp.models.evaluate import calibrate_head, collaborative_greedy, evaluate_layer, pareto_plot
 from offramp.models.exit_heads import FinalNormHead
-from offramp.models.router import NEVER, ExitRule
+from offramp.shared.exit_rule import NEVER, ExitRule
 from offramp.models.split import split_model
 from offramp.models.teacher import teacher_data
 from tests.conftest import make_tiny_llama

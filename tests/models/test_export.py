@@ -8,7 +8,8 @@ import numpy as np
 import onnx
 import pytest
 
-from offramp.models.export import GRAPH_FILE, MANIFEST_FILE, check_manifest, export_edge, io_names
+from offramp.models.export import export_edge
+from offramp.shared.edge_manifest import GRAPH_FILE, MANIFEST_FILE, check_manifest, io_names
 from offramp.shared.cli import main
 from offramp.shared.errors import ArtifactError
 from tests.conftest import make_tiny_llama

@@ -5,15 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from offramp.models.router import (
-    NEVER,
-    ExitRule,
-    fit_logistic,
-    load_exit_rule,
-    logit_features,
-    pick_threshold,
-    save_exit_rule,
-)
+from offramp.models.router import fit_logistic, pick_threshold
+from offramp.shared.exit_rule import NEVER, ExitRule, load_exit_rule, logit_features, save_exit_rule
 from offramp.shared.errors import ArtifactError, SplitConfigError
 
 
