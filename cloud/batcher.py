@@ -47,10 +47,10 @@ class Batcher:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._closed:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while self._queue:
+            while self._queue and not self._closed:
                 if len(self._queue) < self.max_batch and self.window_s > 0:
                     await asyncio.sleep(self.window_s)
                 batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
@@ -70,9 +70,14 @@ class Batcher:
                         future.set_result(result)
 
     async def aclose(self) -> None:
+        """Refuse new requests, let the batch being computed finish and answer its waiters, fail the queued rest.
+
+        The forward runs on a worker thread that cannot be interrupted, so cancelling the worker task would leave
+        that batch's waiters unanswered; it is awaited instead.
+        """
         self._closed = True
+        self._wakeup.set()
         if self._worker is not None:
-            self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
         for _, future in self._queue:
             if not future.done():

@@ -32,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--load-in-8bit", action="store_true", help="int8 decoder-layer weights via bitsandbytes (the gpu extra)")
     p.add_argument("--ssl-cert", type=Path, default=None, help="serve wss:// with this certificate chain (PEM); edges verify it unless --insecure, or trust it with --cloud-ca-file")
     p.add_argument("--ssl-key", type=Path, default=None, help="private key for --ssl-cert (PEM)")
+    p.add_argument("--metrics-require-token", action="store_true", help="/metrics needs the bearer token too (by default /healthz and /metrics answer without one, for probes and Prometheus)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.set_defaults(func=run_serve)
 

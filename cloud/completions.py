@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from aiohttp import web
 
-from offramp.shared.contract import ExtendRequest
+from offramp.shared.contract import ContextMismatchError, ExtendRequest
 from offramp.shared.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -87,24 +87,34 @@ def _short(value: Any) -> str:
 
 
 async def generate(state: "CloudState", req: CompletionRequest):
-    """Yield token ids from the whole model, one batched step at a time; frees the session at the end."""
+    """Yield token ids from the whole model, one batched step at a time; frees the session at the end.
+
+    The session shares the cloud's one table and budget with edge sessions, so it may be evicted under KV
+    pressure mid-generation; like an edge, it then rebuilds its context (here from its own token ids).
+    """
     session = f"full-{uuid.uuid4().hex}"
-    rng = np.random.default_rng(req.seed)
-    await state.run_serial(state.full_engine.contexts.open, session, FULL_OWNER)
+    seed = req.seed if req.seed is not None else int(np.random.default_rng().integers(0, 2**63 - 1))
+    state.contexts.open(session, FULL_OWNER)
     try:
-        ids, start = req.prompt_ids, 0
-        for produced in range(req.max_tokens):
-            hidden = _embed(state, ids)
-            result = await state.full_batcher.submit(
-                ExtendRequest(session, start, hidden, FULL_OWNER, True, req.sampling, float(rng.random()))
-            )
+        context = list(req.prompt_ids)
+        start = 0
+        while len(context) - len(req.prompt_ids) < req.max_tokens:
+            step = ExtendRequest(session, start, _embed(state, context[start:]), FULL_OWNER, sampling=req.sampling, seed=seed)
+            try:
+                result = await state.full_batcher.submit(step)
+            except ContextMismatchError as exc:  # evicted under memory pressure: rebuild from what it still holds
+                if exc.have == 0 and session not in state.contexts:
+                    state.contexts.open(session, FULL_OWNER)
+                start = exc.have
+                continue
             token = int(result.token)
             yield token
+            context.append(token)
             if token in state.stop_ids or result.length >= state.max_positions:
                 return
-            start, ids = result.length, [token]
+            start = result.length
     finally:
-        await state.run_serial(state.full_engine.contexts.close, session, FULL_OWNER)
+        state.contexts.close(session, FULL_OWNER)
 
 
 @torch.inference_mode()
@@ -113,9 +123,9 @@ def _embed(state: "CloudState", ids: list[int]) -> np.ndarray:
 
 
 async def handle_completions(request: web.Request) -> web.StreamResponse:
-    from offramp.cloud.server import STATE
+    from offramp.cloud.server import loaded
 
-    state = request.app[STATE]
+    state = loaded(request)
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -27,6 +27,7 @@ class CloudConfig:
     load_in_8bit: bool = False  # bitsandbytes 8-bit deep layers (CUDA only)
     ssl_cert: Path | None = None
     ssl_key: Path | None = None
+    metrics_require_token: bool = False  # /metrics answers without a token unless this is set (/healthz always does)
 
     @property
     def kv_budget_bytes(self) -> int | None:

@@ -16,16 +16,19 @@ the cloud does not hold, or starting past what it holds, is not an error: `Evict
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING
 
 import msgpack
+import numpy as np
 from aiohttp import WSMsgType, web
 
-from offramp.shared.contract import ContextMismatchError, ExtendRequest, SessionError
+from offramp.cloud.context import SessionOwnerError
 from offramp.shared import protocol as p
 from offramp.shared.codecs import CodecError, get_codec
-from offramp.shared.sampling import SamplingParams
+from offramp.shared.contract import ContextMismatchError, ExtendRequest, SessionError, StaleRequestError
+from offramp.shared.sampling import SamplingParams, SparseDistribution
 
 if TYPE_CHECKING:
     from offramp.cloud.server import CloudState
@@ -34,6 +37,7 @@ log = logging.getLogger("offramp.cloud")
 
 HELLO_TIMEOUT_S = 10.0
 MAX_INFLIGHT_PER_CONNECTION = 256
+_NO_LOCK = contextlib.nullcontext()
 
 
 class EdgeConnection:
@@ -116,7 +120,16 @@ class EdgeConnection:
         if session is None or not hasattr(frame, "id"):
             await self.send_error(getattr(frame, "id", 0), p.BAD_FRAME, f"an edge does not send {frame.type} frames after hello")
             return
-        async with self.state.session_lock(session):
+        if isinstance(frame, p.Open) and self.state.contexts.peek(session) is None:
+            try:  # before any await: the frames of this session that arrived after it must queue behind it
+                self.state.open_session(session, self.owner, frame.codec, self)
+            except (SessionError, CodecError) as exc:
+                code = exc.code if isinstance(exc, SessionError) else p.BAD_CODEC
+                await self.send_error(frame.id, code, str(exc))
+                return
+        ctx = self.state.contexts.peek(session)
+        lock = ctx.lock if ctx is not None else _NO_LOCK  # a session nobody holds needs no ordering: it is answered at once
+        async with lock:
             try:
                 reply = await self._dispatch(frame)
             except (SessionError, p.ProtocolError) as exc:
@@ -140,38 +153,56 @@ class EdgeConnection:
     async def _dispatch(self, frame: p.Frame) -> p.Frame:
         state = self.state
         if isinstance(frame, p.Open):
-            get_codec(frame.codec)
-            if frame.codec not in state.codecs:
-                raise CodecError(f"codec {frame.codec!r} is not served here; served: {state.codecs}")
-            length = await state.open_session(frame.session, self.owner, frame.codec, self)
-            return p.Opened(frame.id, frame.session, length)
+            ctx = state.open_session(frame.session, self.owner, frame.codec, self)
+            return p.Opened(frame.id, frame.session, ctx.length, ctx.epoch)
         if isinstance(frame, p.Close):
-            await state.close_session(frame.session, self.owner)
+            state.close_session(frame.session, self.owner)
             return p.Closed(frame.id, frame.session)
-        if isinstance(frame, (p.Upload, p.Escalate)):
+        if isinstance(frame, p.Extend):
             return await self._extend(frame)
         raise p.ProtocolError(f"an edge does not send {frame.type} frames")
 
-    async def _extend(self, frame: p.Upload | p.Escalate) -> p.Frame:
+    async def _extend(self, frame: p.Extend) -> p.Frame:
         state = self.state
-        codec_name = state.session_codec(frame.session, self.owner)
-        if codec_name is None:
-            return p.Evicted(frame.id, frame.session, 0, "unknown session (never opened here, closed, or the cloud restarted)")
-        state.session_conn[frame.session] = self
-        hidden = get_codec(codec_name).decode(frame.payload, frame.rows, state.hidden_size)
-        escalate = isinstance(frame, p.Escalate)
-        sampling = SamplingParams(frame.temperature, frame.top_p) if escalate else SamplingParams()
-        req = ExtendRequest(frame.session, frame.start, hidden, self.owner, escalate, sampling, frame.u if escalate else 0.0)
+        ctx = state.contexts.peek(frame.session)
+        if ctx is None:
+            return p.Evicted(frame.id, frame.session, 0, 0, "unknown session (never opened here, closed, evicted, or the cloud restarted)")
+        if ctx.owner != self.owner:
+            raise SessionOwnerError(f"session {frame.session!r} belongs to another client")
+        ctx.connection = self
+        hidden = get_codec(ctx.codec).decode(frame.payload, frame.rows, state.hidden_size)
+        req = ExtendRequest(
+            frame.session, frame.start, hidden, self.owner, frame.epoch, frame.want_token, list(frame.drafts),
+            _draft_q(frame, state.vocab_size), SamplingParams(frame.temperature, frame.top_p), frame.seed,
+            frame.top_logprobs, frame.rebase,
+        )
         try:
             result = await state.batcher.submit(req)
         except ContextMismatchError as exc:
-            return p.Evicted(frame.id, frame.session, exc.have, "the cloud lacks earlier positions of this session")
-        if escalate:
-            state.metrics.escalations.inc()
-        else:
-            state.metrics.uploads.inc()
-        state.metrics.positions.labels("escalate" if escalate else "upload").inc(frame.rows)
-        return p.Result(frame.id, frame.session, result.start, result.predicted, result.logprobs, result.token, result.length)
+            return p.Evicted(frame.id, frame.session, exc.have, exc.epoch, exc.reason or "the cloud lacks earlier positions of this session")
+        except StaleRequestError as exc:
+            state.metrics.stale.inc()
+            return p.Stale(frame.id, frame.session, exc.epoch, exc.length)
+        (state.metrics.escalations if frame.want_token or frame.drafts else state.metrics.uploads).inc()
+        state.metrics.positions.labels("verify" if frame.drafts else "escalate" if frame.want_token else "upload").inc(frame.rows)
+        state.metrics.drafts.labels("accepted").inc(result.accepted)
+        state.metrics.drafts.labels("rejected").inc(len(frame.drafts) - result.accepted)
+        return p.Result(frame.id, frame.session, result.epoch, result.start, result.predicted, result.logprobs, result.accepted,
+                        result.token, result.length, result.token_logprobs, result.top_ids, result.top_logprobs)
+
+
+def _draft_q(frame: p.Extend, vocab_size: int) -> list[SparseDistribution] | None:
+    """The sampled drafts' sparse distributions, checked: ids in the vocabulary, probabilities that sum to 1."""
+    if frame.temperature == 0 or not frame.drafts:
+        return None
+    k = frame.q_support
+    ids = np.frombuffer(frame.q_ids, dtype="<i4").reshape(len(frame.drafts), k).astype(np.int64)
+    probs = np.frombuffer(frame.q_probs, dtype="<f4").reshape(len(frame.drafts), k).astype(np.float64)
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise p.ProtocolError(f"extend: draft distribution ids must be in 0..{vocab_size - 1}")
+    if not np.isfinite(probs).all() or probs.min() < 0 or np.abs(probs.sum(axis=1) - 1).max() > 1e-3:
+        raise p.ProtocolError("extend: each draft distribution must be finite, non-negative and sum to 1")
+    return [SparseDistribution(i, q / q.sum()) for i, q in zip(ids, probs)]
 
 
 def _peek_id(data: bytes) -> int:

@@ -6,16 +6,14 @@ behind a WebSocket does not change a token.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
-
 from offramp.cloud.engine import DeepEngine
-from offramp.shared.contract import DeepResult, ExtendRequest
+from offramp.shared.contract import ContextMismatchError, DeepResult, ExtendRequest
 from offramp.shared.codecs import get_codec
 from offramp.shared.errors import OfframpError
-from offramp.shared.sampling import SamplingParams
 
 
 class CloudUnavailableError(OfframpError):
@@ -36,16 +34,9 @@ class CloudLink(Protocol):
 
     async def open_session(self, session_id: str) -> None: ...
 
-    async def extend(
-        self,
-        session_id: str,
-        start: int,
-        hidden: np.ndarray,
-        want_token: bool,
-        sampling: SamplingParams,
-        u: float,
-    ) -> DeepResult:
-        """Send hidden states of positions start..start+n-1; raises ContextMismatchError or CloudUnavailableError."""
+    async def extend(self, request: ExtendRequest) -> DeepResult:
+        """Send layer-K states (and drafts) of positions request.start..; raises ContextMismatchError (re-upload
+        from `have`), StaleRequestError (pipelined behind a rejected draft) or CloudUnavailableError."""
         ...
 
     async def close_session(self, session_id: str) -> None: ...
@@ -64,22 +55,23 @@ class LocalCloudLink:
         self.stats = LinkStats()
 
     async def open_session(self, session_id: str) -> None:
-        self.engine.contexts.open(session_id)
+        self.engine.contexts.open(session_id, codec=self.codec)
 
-    async def extend(
-        self,
-        session_id: str,
-        start: int,
-        hidden: np.ndarray,
-        want_token: bool,
-        sampling: SamplingParams,
-        u: float,
-    ) -> DeepResult:
-        rows, width = hidden.shape
-        payload = self._codec.encode(hidden)
+    async def extend(self, request: ExtendRequest) -> DeepResult:
+        return self.run(request)
+
+    def run(self, request: ExtendRequest) -> DeepResult:
+        """The request through the codec and the engine; a session the engine lost is re-opened for the re-upload."""
+        rows, width = request.hidden.shape
+        payload = self._codec.encode(request.hidden)
         self.stats.bytes_up += len(payload)
         decoded = self._codec.decode(payload, rows, width)
-        result = self.engine.extend(ExtendRequest(session_id, start, decoded, "", want_token, sampling, u))
+        try:
+            result = self.engine.extend(dataclasses.replace(request, hidden=decoded))
+        except ContextMismatchError as exc:
+            if exc.have == 0 and request.session_id not in self.engine.contexts:
+                self.engine.contexts.open(request.session_id, codec=self.codec)
+            raise
         self.stats.bytes_down += 8 * len(result.predicted) + (4 if result.token is not None else 0)
         self.stats.round_trips += 1
         return result

@@ -22,10 +22,9 @@ import numpy as np
 
 from offramp.edge.link import CloudUnavailableError, LinkStats
 from offramp.shared import protocol as p
-from offramp.shared.contract import ContextMismatchError, DeepResult
+from offramp.shared.contract import ContextMismatchError, DeepResult, ExtendRequest, StaleRequestError
 from offramp.shared.codecs import DEFAULT_CODEC, get_codec
 from offramp.shared.errors import OfframpError
-from offramp.shared.sampling import SamplingParams
 
 
 class CloudRefusedError(CloudUnavailableError):
@@ -106,24 +105,35 @@ class WebSocketCloudLink:
         await self._request(p.Open(next(self._ids), session_id, self.codec))
         self._sessions.add(session_id)
 
-    async def extend(
-        self, session_id: str, start: int, hidden: np.ndarray, want_token: bool, sampling: SamplingParams, u: float
-    ) -> DeepResult:
-        rows = int(hidden.shape[0])
-        payload = self._codec.encode(np.asarray(hidden, dtype=np.float32))
-        rid = next(self._ids)
-        if want_token:
-            frame: p.Frame = p.Escalate(rid, session_id, int(start), rows, payload, float(sampling.temperature), float(sampling.top_p), float(u))
-        else:
-            frame = p.Upload(rid, session_id, int(start), rows, payload)
+    async def extend(self, request: ExtendRequest) -> DeepResult:
+        payload = self._codec.encode(np.asarray(request.hidden, dtype=np.float32))
+        q_ids = q_probs = b""
+        support = 0
+        if request.draft_q is not None and request.drafts and not request.sampling.greedy:
+            support = max(len(q.ids) for q in request.draft_q)
+            ids = np.zeros((len(request.drafts), support), dtype="<i4")
+            probs = np.zeros((len(request.drafts), support), dtype="<f4")
+            for row, q in enumerate(request.draft_q):
+                ids[row, : len(q.ids)] = q.ids
+                probs[row, : len(q.ids)] = q.probs
+            q_ids, q_probs = ids.tobytes(), probs.tobytes()
+        frame = p.Extend(
+            next(self._ids), request.session_id, int(request.epoch), int(request.start), request.rows, payload,
+            bool(request.want_token), [int(d) for d in request.drafts], support, q_ids, q_probs,
+            float(request.sampling.temperature), float(request.sampling.top_p), int(request.seed),
+            int(request.top_logprobs), bool(request.rebase),
+        )
         reply = await self._request(frame)
         if isinstance(reply, p.Evicted):
             if reply.have == 0:  # the cloud forgot the session itself: open it again before the re-upload
-                await self._request(p.Open(next(self._ids), session_id, self.codec))
-            raise ContextMismatchError(session_id, int(start), reply.have)
+                await self._request(p.Open(next(self._ids), request.session_id, self.codec))
+            raise ContextMismatchError(request.session_id, request.start, reply.have, reply.epoch, reply.reason)
+        if isinstance(reply, p.Stale):
+            raise StaleRequestError(request.session_id, request.epoch, reply.epoch, reply.length)
         if not isinstance(reply, p.Result):
             raise CloudRefusedError(p.BAD_FRAME, f"expected a result frame, got {reply.type}")
-        return DeepResult(reply.start, reply.predicted, reply.logprobs, reply.token, reply.length)
+        return DeepResult(reply.start, reply.predicted, reply.logprobs, reply.token, reply.length, reply.accepted, reply.epoch,
+                          reply.token_logprobs, reply.top_ids, reply.top_logprobs)
 
     async def close_session(self, session_id: str) -> None:
         self._sessions.discard(session_id)

@@ -5,9 +5,14 @@ types, ranges and sizes, so a bad frame fails here with one kind of error (`Prot
 `code`) and the server answers it with an `Error` frame instead of falling over deep inside.
 
 A connection starts with `Hello` (edge) / `Welcome` (cloud). Requests carry an `id` the reply echoes, so many
-sessions share one connection. Replies: `Opened`, `Closed`, `Result` (deep predictions at each uploaded
-position, and the chosen token for an escalation), `Evicted` (the cloud lacks the session's context from
-`have` on: re-upload from there) and `Error`.
+sessions share one connection. `Extend` carries the layer-K states of a run of positions, optionally edge drafts
+to verify and whether the cloud should pick the next token (see `offramp.shared.contract`). Replies: `Opened`,
+`Closed`, `Result` (deep predictions at each row, accepted drafts, the cloud's token), `Stale` (the request was
+pipelined behind a draft the cloud rejected: nothing computed), `Evicted` (the cloud lacks the session's context
+from `have` on, or holds it at another epoch: re-upload from a prefix both agree on) and `Error`.
+
+Version 2 (this one) added epochs, draft verification (greedy and speculative sampling), `Stale`, `rebase` and
+per-token log-probs; a version-1 edge is refused with `version_mismatch`.
 """
 
 from __future__ import annotations
@@ -15,19 +20,20 @@ from __future__ import annotations
 import math
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 import msgpack
 
 from offramp.shared.errors import OfframpError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 EDGE_PATH = "/v1/edge"
 DEFAULT_MAX_FRAME_BYTES = 16 << 20
 MAX_SESSION_ID = 128
 MAX_ID = (1 << 63) - 1
-MAX_TOP_K = 20
+MAX_TOP_K = 20  # top_logprobs per token, at most
+MAX_DRAFT_SUPPORT = 256  # tokens of a sparse draft distribution, at most
 
 # Error codes (the `code` of an Error frame). Every refusal carries one of these; ERROR_CODES lists them all.
 BAD_FRAME = "bad_frame"  # not msgpack, not a map, unknown type or field, a field of the wrong type or range
@@ -46,6 +52,7 @@ TOO_MANY_SESSIONS = "too_many_sessions"  # the per-client or total session limit
 DRAINING = "draining"  # the cloud is shutting down and takes no new sessions
 OVERLOADED = "overloaded"  # too many requests in flight on one connection
 INTERNAL = "internal"  # a bug; the connection stays up
+STALE = "stale"  # not an error: the kind of a Stale reply (metrics label)
 ERROR_CODES = frozenset({
     BAD_FRAME, VERSION_MISMATCH, MODEL_MISMATCH, NOT_HELLO, UNAUTHORIZED, FRAME_TOO_LARGE, BAD_CODEC, BAD_HIDDEN,
     BAD_POSITIONS, UNKNOWN_SESSION, CONTEXT_MISSING, FORBIDDEN, TOO_MANY_SESSIONS, DRAINING, OVERLOADED, INTERNAL,
@@ -96,6 +103,7 @@ class Welcome(Frame):
     max_positions: int
     codecs: list[str]
     max_frame_bytes: int
+    replica: str = ""  # which cloud process answered (several replicas behind one address)
 
 
 @dataclass
@@ -112,6 +120,7 @@ class Opened(Frame):
     id: int
     session: str
     length: int
+    epoch: int = 0
 
 
 @dataclass
@@ -129,64 +138,94 @@ class Closed(Frame):
 
 
 @dataclass
-class Upload(Frame):
-    """Layer-K hidden states of positions start..start+rows-1 (tokens that exited at the edge)."""
+class Extend(Frame):
+    """Layer-K states of positions start..start+rows-1, drafts to verify, and whether the cloud picks a token.
 
-    type: ClassVar[str] = "upload"
+    `drafts[j]` is the edge's token for the position predicted by row rows - len(drafts) - want_token + j.
+    Sampled drafts carry the edge's sparse q: `q_ids` (int32) and `q_probs` (float32), `q_support` entries per draft.
+    Randomness for position i is `position_uniforms(seed, i)` on both sides.
+    """
+
+    type: ClassVar[str] = "extend"
     id: int
     session: str
+    epoch: int
     start: int
     rows: int
     payload: bytes
-
-
-@dataclass
-class Escalate(Frame):
-    """Like Upload, and the cloud picks the next token after the last position (`u`: the edge's uniform draw)."""
-
-    type: ClassVar[str] = "escalate"
-    id: int
-    session: str
-    start: int
-    rows: int
-    payload: bytes
+    want_token: bool = True
+    drafts: list[int] = field(default_factory=list)
+    q_support: int = 0
+    q_ids: bytes = b""
+    q_probs: bytes = b""
     temperature: float = 0.0
     top_p: float = 1.0
-    u: float = 0.0
+    seed: int = 0
+    top_logprobs: int = 0
+    rebase: bool = False
 
     def validate(self) -> None:
-        if self.rows < 1:
-            raise ProtocolError(f"escalate: rows must be >= 1, got {self.rows}")
+        if len(self.drafts) + int(self.want_token) > self.rows:
+            raise ProtocolError(f"extend: {len(self.drafts)} drafts{' and a pick' if self.want_token else ''} need more than {self.rows} rows")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ProtocolError(f"escalate: temperature must be finite and >= 0, got {self.temperature}")
+            raise ProtocolError(f"extend: temperature must be finite and >= 0, got {self.temperature}")
         if not (0 < self.top_p <= 1):
-            raise ProtocolError(f"escalate: top_p must be in (0, 1], got {self.top_p}")
-        if not (0 <= self.u < 1):
-            raise ProtocolError(f"escalate: u must be in [0, 1), got {self.u}")
+            raise ProtocolError(f"extend: top_p must be in (0, 1], got {self.top_p}")
+        if self.top_logprobs > MAX_TOP_K:
+            raise ProtocolError(f"extend: top_logprobs must be <= {MAX_TOP_K}, got {self.top_logprobs}")
+        if self.q_support > MAX_DRAFT_SUPPORT:
+            raise ProtocolError(f"extend: q_support must be <= {MAX_DRAFT_SUPPORT}, got {self.q_support}")
+        if any(d < 0 for d in self.drafts):
+            raise ProtocolError(f"extend: draft tokens must be >= 0, got {min(self.drafts)}")
+        sampled = self.temperature > 0 and bool(self.drafts)
+        want = 4 * len(self.drafts) * self.q_support
+        if sampled and (self.q_support < 1 or len(self.q_ids) != want or len(self.q_probs) != want):
+            raise ProtocolError(f"extend: sampled drafts need q_support >= 1 and {want}-byte q_ids and q_probs, "
+                                f"got q_support {self.q_support}, {len(self.q_ids)} and {len(self.q_probs)} bytes")
+        if not sampled and (self.q_ids or self.q_probs):
+            raise ProtocolError("extend: q_ids/q_probs are only for sampled drafts (temperature > 0)")
 
 
 @dataclass
 class Result(Frame):
-    """The full model's argmax and its log-prob at each uploaded position; `token` for escalations."""
+    """The full model's argmax and its log-prob at each row; the verification's outcome; the cloud's token."""
 
     type: ClassVar[str] = "result"
     id: int
     session: str
+    epoch: int
     start: int
     predicted: list[int]
     logprobs: list[float]
+    accepted: int
     token: int | None
+    length: int
+    token_logprobs: list[float] = field(default_factory=list)
+    top_ids: list[list[int]] = field(default_factory=list)
+    top_logprobs: list[list[float]] = field(default_factory=list)
+
+
+@dataclass
+class Stale(Frame):
+    """The request's epoch is older than the session's: it followed a rejected draft, so nothing was computed."""
+
+    type: ClassVar[str] = "stale"
+    id: int
+    session: str
+    epoch: int
     length: int
 
 
 @dataclass
 class Evicted(Frame):
-    """The cloud holds only `have` positions of the session (evicted, expired, restarted): re-upload from there."""
+    """The cloud holds only `have` positions of the session, at `epoch` (evicted, expired, restarted, or last
+    extended at another epoch): re-upload from a prefix both sides agree on."""
 
     type: ClassVar[str] = "evicted"
     id: int
     session: str
     have: int
+    epoch: int = 0
     reason: str = ""
 
 
@@ -199,7 +238,7 @@ class Error(Frame):
 
 
 FRAME_TYPES: dict[str, type[Frame]] = {
-    cls.type: cls for cls in (Hello, Welcome, Open, Opened, Close, Closed, Upload, Escalate, Result, Evicted, Error)
+    cls.type: cls for cls in (Hello, Welcome, Open, Opened, Close, Closed, Extend, Result, Stale, Evicted, Error)
 }
 _HINTS = {cls: typing.get_type_hints(cls) for cls in FRAME_TYPES.values()}
 
@@ -235,7 +274,7 @@ def decode_frame(data: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Frame
     try:
         frame = cls(**raw)
     except TypeError as exc:
-        missing = sorted(f.name for f in fields(cls) if f.name not in raw and f.default is MISSING)
+        missing = sorted(f.name for f in fields(cls) if f.name not in raw and f.default is MISSING and f.default_factory is MISSING)
         raise ProtocolError(f"{kind}: missing fields {missing}") from exc
     _check_fields(frame)
     frame.validate()

@@ -5,12 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from offramp.cloud.context import ContextManager, SessionLimitError, SessionOwnerError, UnknownSessionError
+from offramp.cloud.context import ContextManager, SessionContext, SessionKV, SessionLimitError, SessionOwnerError, UnknownSessionError
 
 
-def kv(positions: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Two layers of [1, 2, positions, 4] fp32: 2 * 2 * 32 * positions bytes."""
-    return [(torch.zeros(1, 2, positions, 4), torch.zeros(1, 2, positions, 4)) for _ in range(2)]
+def fill(cm: ContextManager, ctx: SessionContext, positions: int) -> None:
+    """Give a session `positions` of KV (two layers, 2 heads x 4 dims, fp32: 128 bytes a position) and commit it."""
+    if ctx.kv is None:
+        ctx.kv = SessionKV(2, 2, 4, positions, torch.device("cpu"), torch.float32)
+    ctx.kv.reserve(positions, keep=ctx.length)
+    cm.commit(ctx, positions)
 
 
 def test_budget_evicts_least_recently_used_first() -> None:
@@ -18,9 +21,9 @@ def test_budget_evicts_least_recently_used_first() -> None:
     cm = ContextManager(budget_bytes=3 * 1280)  # 10 positions = 1280 bytes
     cm.on_evict = lambda ctx, reason: evicted.append((ctx.session_id, reason))
     for sid in "abc":
-        cm.commit(cm.open(sid), kv(10), 10)
+        fill(cm, cm.open(sid), 10)
     cm.get("a")  # a is now most recent; b is the oldest
-    cm.commit(cm.open("d"), kv(10), 10)
+    fill(cm, cm.open("d"), 10)
     assert evicted == [("b", "memory budget")]
     assert "b" not in cm and all(s in cm for s in "acd")
     assert cm.nbytes <= 3 * 1280 and cm.evictions == 1
@@ -29,7 +32,7 @@ def test_budget_evicts_least_recently_used_first() -> None:
 def test_the_session_being_served_is_never_evicted_for_itself() -> None:
     cm = ContextManager(budget_bytes=100)
     ctx = cm.open("big")
-    cm.commit(ctx, kv(10), 10)
+    fill(cm, ctx, 10)
     assert "big" in cm and ctx.length == 10
 
 
@@ -74,9 +77,12 @@ def test_session_cap() -> None:
 def test_truncate_drops_later_positions() -> None:
     cm = ContextManager()
     ctx = cm.open("s")
-    cm.commit(ctx, kv(10), 10)
+    fill(cm, ctx, 10)
+    before = cm.nbytes
     ctx.truncate(4)
-    assert ctx.length == 4 and ctx.kv[0][0].shape[2] == 4
+    assert ctx.length == 4
+    assert ctx.kv.layer(0, ctx.length)[0].shape[1] == 4  # only the kept positions are read
+    assert cm.nbytes == before == 1280  # the buffer is still allocated, and counted (a view would undercount it)
 
 
 def test_nbytes_can_be_read_while_the_worker_thread_changes_sessions() -> None:
@@ -91,7 +97,7 @@ def test_nbytes_can_be_read_while_the_worker_thread_changes_sessions() -> None:
         i = 0
         while not stop.is_set():
             sid = f"s{i % 40}"
-            cm.commit(cm.open(sid), kv(10), 10)
+            fill(cm, cm.open(sid), 10)
             if i % 3 == 0:
                 cm.close(f"s{(i + 7) % 40}")
             i += 1

@@ -277,8 +277,8 @@ async def test_another_client_cannot_touch_a_session(model) -> None:
         held = await a.extend("a-session", 0, rows(5), False, SamplingParams(), 0.0)
         assert held.length == 5
         http, b = await handshake(cloud, BETA)
-        attempts = [p.Open(1, "a-session", "fp32"), p.Upload(2, "a-session", 0, 0, b""), p.Upload(3, "a-session", 5, 1, fp32.encode(rows(1, 9))),
-                    p.Escalate(4, "a-session", 2, 1, fp32.encode(rows(1, 9))), p.Close(5, "a-session")]
+        attempts = [p.Open(1, "a-session", "fp32"), p.Extend(2, "a-session", 0, 0, 0, want_token=False, payload=b""), p.Extend(3, "a-session", 0, 5, 1, want_token=False, payload=fp32.encode(rows(1, 9))),
+                    p.Extend(4, "a-session", 0, 2, 1, payload=fp32.encode(rows(1, 9))), p.Close(5, "a-session")]
         for frame in attempts:
             await b.send_bytes(p.encode_frame(frame))
             reply = await answer(b)
@@ -292,7 +292,7 @@ async def test_another_client_cannot_touch_a_session(model) -> None:
         untouched = await a.extend("untouched", 5, rows(1, 1), True, SamplingParams(), 0.0)
         assert continued.length == untouched.length == 6
         assert (continued.token, continued.predicted) == (untouched.token, untouched.predicted)
-        owners = {owner for owner, _ in cloud.state.session_codecs.values()}
+        owners = {ctx.owner for ctx in cloud.state.contexts.sessions()}
         assert len(owners) == 1  # both sessions are A's
         await a.aclose()
 
@@ -330,12 +330,12 @@ async def test_frames_over_the_limit_are_refused_and_the_server_goes_on(model, e
         http, ws = await handshake(cloud, "")
         await ws.send_bytes(p.encode_frame(p.Open(1, "s", "fp32")))
         assert isinstance(await answer(ws), p.Opened)
-        over = p.encode_frame(p.Upload(2, "s", 0, 33, b"\0" * (33 * 4 * H)))  # 33 fp32 rows: just over 8 KiB
+        over = p.encode_frame(p.Extend(2, "s", 0, 0, 33, want_token=False, payload=b"\0" * (33 * 4 * H)))  # 33 fp32 rows: just over 8 KiB
         assert limit < len(over) < limit + (64 << 10)
         await ws.send_bytes(over)
         reply = await answer(ws)
         assert isinstance(reply, p.Error) and reply.code == p.FRAME_TOO_LARGE and str(limit) in reply.message
-        await ws.send_bytes(p.encode_frame(p.Upload(3, "s", 0, 2, get_codec("fp32").encode(rows(2)))))  # the connection lives on
+        await ws.send_bytes(p.encode_frame(p.Extend(3, "s", 0, 0, 2, want_token=False, payload=get_codec("fp32").encode(rows(2)))))  # the connection lives on
         assert isinstance(await answer(ws), p.Result)
         # past what the WebSocket layer buffers (limit + 64 KiB) it closes the connection: close code 1009
         await ws.send_bytes(b"\0" * (limit + (64 << 10) + 1))
@@ -357,7 +357,7 @@ async def test_kv_budget_is_never_exceeded_and_the_owner_is_told(model) -> None:
         for i in range(4):
             await ws.send_bytes(p.encode_frame(p.Open(10 + i, f"s{i}", "fp32")))
             assert isinstance(await answer(ws, pushed), p.Opened)
-            await ws.send_bytes(p.encode_frame(p.Upload(20 + i, f"s{i}", 0, 12, fp32.encode(rows(12, i)))))
+            await ws.send_bytes(p.encode_frame(p.Extend(20 + i, f"s{i}", 0, 0, 12, want_token=False, payload=fp32.encode(rows(12, i)))))
             assert isinstance(await answer(ws, pushed), p.Result)
             assert cloud.state.engine.contexts.nbytes <= int(budget_mb * (1 << 20))
         with pytest.raises(asyncio.TimeoutError):  # any still on their way
@@ -365,7 +365,7 @@ async def test_kv_budget_is_never_exceeded_and_the_owner_is_told(model) -> None:
                 pushed.append(p.decode_frame((await ws.receive(timeout=0.5)).data))
         assert len(pushed) >= 2 and all(isinstance(f, p.Evicted) and f.id == 0 and f.reason == "memory budget" for f in pushed)
         evicted = pushed[0].session
-        await ws.send_bytes(p.encode_frame(p.Upload(30, evicted, 12, 1, fp32.encode(rows(1)))))
+        await ws.send_bytes(p.encode_frame(p.Extend(30, evicted, 0, 12, 1, want_token=False, payload=fp32.encode(rows(1)))))
         reply = await answer(ws)
         assert isinstance(reply, p.Evicted) and reply.have == 0  # re-upload from 0: the edge holds the states
         await http.close()
@@ -398,12 +398,12 @@ async def test_too_many_requests_in_flight_on_one_connection_are_refused_by_id(m
         assert isinstance(await answer(ws), p.Opened)
         ids = list(range(100, 140))
         for rid in ids:  # a burst: each re-uploads position 0, so every one is valid on its own
-            await ws.send_bytes(p.encode_frame(p.Upload(rid, "s", 0, 1, fp32.encode(rows(1, rid)))))
+            await ws.send_bytes(p.encode_frame(p.Extend(rid, "s", 0, 0, 1, want_token=False, payload=fp32.encode(rows(1, rid)))))
         replies = [await answer(ws) for _ in ids]
         assert sorted(r.id for r in replies) == ids  # every request answered once, by its id
         refused = [r for r in replies if isinstance(r, p.Error)]
         assert refused and all(r.code == p.OVERLOADED and "in flight" in r.message for r in refused)
         assert any(isinstance(r, p.Result) for r in replies)
-        await ws.send_bytes(p.encode_frame(p.Upload(200, "s", 0, 1, fp32.encode(rows(1)))))  # and it recovers
+        await ws.send_bytes(p.encode_frame(p.Extend(200, "s", 0, 0, 1, want_token=False, payload=fp32.encode(rows(1)))))  # and it recovers
         assert isinstance(await answer(ws), p.Result)
         await http.close()

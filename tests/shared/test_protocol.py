@@ -10,17 +10,22 @@ from hypothesis import strategies as st
 from offramp.shared import protocol as p
 
 EXAMPLES = [
-    p.Hello(1, "ab" * 32, 15, 576, "edge"),
-    p.Welcome(1, "offramp 0.1", 15, 8192, ["fp16", "fp32"], 1 << 20),
+    p.Hello(2, "ab" * 32, 15, 576, "edge"),
+    p.Welcome(2, "offramp 0.1", 15, 8192, ["fp16", "fp32"], 1 << 20, "pid 7"),
     p.Open(1, "s", "fp16"),
-    p.Opened(1, "s", 0),
+    p.Opened(1, "s", 0, 3),
     p.Close(2, "s"),
     p.Closed(2, "s"),
-    p.Upload(3, "s", 0, 2, b"\x00" * 8),
-    p.Escalate(4, "s", 2, 1, b"\x00" * 4, 0.7, 0.9, 0.25),
-    p.Result(4, "s", 2, [5], [-0.5], 5, 3),
-    p.Result(3, "s", 0, [1, 2], [-0.1, -0.2], None, 2),
-    p.Evicted(5, "s", 0, "memory budget"),
+    p.Extend(3, "s", 0, 0, 2, b"\x00" * 8, want_token=False),  # an upload
+    p.Extend(4, "s", 1, 2, 1, b"\x00" * 4, temperature=0.7, top_p=0.9, seed=11),  # an escalation
+    p.Extend(5, "s", 1, 2, 3, b"\x00" * 12, want_token=False, drafts=[7, 8, 9]),  # greedy verification
+    p.Extend(6, "s", 1, 2, 3, b"\x00" * 12, drafts=[7, 8], q_support=2, q_ids=b"\x00" * 16, q_probs=b"\x00" * 16,
+             temperature=1.0, seed=5, top_logprobs=3, rebase=True),  # sampled verification + a pick
+    p.Result(4, "s", 1, 2, [5], [-0.5], 0, 5, 3, [-0.5]),
+    p.Result(3, "s", 0, 0, [1, 2], [-0.1, -0.2], 0, None, 2),
+    p.Result(6, "s", 2, 2, [7, 1, 4], [-0.1, -0.2, -0.3], 1, 1, 4, [-0.1, -0.9], [[7, 3], [1, 8]], [[-0.1, -2.5], [-0.2, -0.9]]),
+    p.Stale(7, "s", 2, 4),
+    p.Evicted(5, "s", 0, 0, "memory budget"),
     p.Error(0, "bad_frame", "what went wrong"),
 ]
 
@@ -42,12 +47,18 @@ def test_every_frame_round_trips(frame) -> None:
         ({"type": "open", "id": 1, "session": "s", "codec": "fp16", "extra": 1}, "unknown fields ['extra']"),
         ({"type": "nope"}, "unknown frame type"),
         ({"id": 1}, "unknown frame type None"),
-        ({"type": "escalate", "id": 1, "session": "s", "start": 0, "rows": 0, "payload": b""}, "rows must be >= 1"),
-        ({"type": "escalate", "id": 1, "session": "s", "start": 0, "rows": 1, "payload": b"", "u": 1.0}, "u must be in"),
-        ({"type": "escalate", "id": 1, "session": "s", "start": 0, "rows": 1, "payload": b"", "temperature": float("nan")}, "'temperature' must be float"),
-        ({"type": "escalate", "id": 1, "session": "s", "start": 0, "rows": 1, "payload": b"", "top_p": 0.0}, "top_p must be in"),
-        ({"type": "upload", "id": 1, "session": "s", "start": 0, "rows": 1, "payload": "text"}, "'payload' must be bytes"),
-        ({"type": "result", "id": 1, "session": "s", "start": 0, "predicted": [1, "x"], "logprobs": [], "token": None, "length": 1}, "'predicted'"),
+        ({"type": "extend", "id": 1, "session": "s", "epoch": 0, "start": 0, "rows": 0, "payload": b""}, "need more than 0 rows"),
+        ({"type": "extend", "id": 1, "session": "s", "epoch": 0, "start": 0, "rows": 2, "payload": b"", "drafts": [1, 2]}, "2 drafts and a pick need more than 2 rows"),
+        ({"type": "extend", "id": 1, "session": "s", "epoch": 0, "start": 0, "rows": 1, "payload": b"", "u": 0.5}, "unknown fields ['u']"),
+        ({"type": "extend", "id": 1, "session": "s", "epoch": 0, "start": 0, "rows": 1, "payload": b"", "temperature": float("nan")}, "'temperature' must be float"),
+        ({"type": "extend", "id": 1, "session": "s", "epoch": 0, "start": 0, "rows": 1, "payload": b"", "top_p": 0.0}, "top_p must be in"),
+        ({"type": "extend", "id": 1, "session": "s", "epoch": 0, "start": 0, "rows": 1, "payload": b"", "top_logprobs": 21}, "top_logprobs must be <= 20"),
+        ({"type": "extend", "id": 1, "session": "s", "epoch": 0, "start": 0, "rows": 2, "payload": b"", "want_token": False, "drafts": [3],
+          "temperature": 1.0}, "sampled drafts need q_support >= 1"),
+        ({"type": "extend", "id": 1, "session": "s", "epoch": 0, "start": 0, "rows": 2, "payload": b"", "drafts": [3], "q_ids": b"1234"}, "only for sampled drafts"),
+        ({"type": "extend", "id": 1, "session": "s", "epoch": 0, "start": 0, "rows": 1, "payload": "text"}, "'payload' must be bytes"),
+        ({"type": "extend", "id": 1, "session": "s", "start": 0, "rows": 1, "payload": b""}, "missing fields ['epoch']"),
+        ({"type": "result", "id": 1, "session": "s", "epoch": 0, "start": 0, "predicted": [1, "x"], "logprobs": [], "accepted": 0, "token": None, "length": 1}, "'predicted'"),
     ],
 )
 def test_bad_frames_name_the_bad_part(raw, words) -> None:
@@ -61,7 +72,7 @@ def test_not_msgpack_or_not_a_map_or_too_big() -> None:
         with pytest.raises(p.ProtocolError):
             p.decode_frame(data)
     with pytest.raises(p.ProtocolError) as err:
-        p.decode_frame(p.encode_frame(p.Upload(1, "s", 0, 1, b"x" * 2000)), max_bytes=1000)
+        p.decode_frame(p.encode_frame(p.Extend(1, "s", 0, 0, 1, b"x" * 2000, want_token=False)), max_bytes=1000)
     assert err.value.code == p.FRAME_TOO_LARGE
     with pytest.raises(p.ProtocolError):
         p.decode_frame("text")  # type: ignore[arg-type]
@@ -69,7 +80,7 @@ def test_not_msgpack_or_not_a_map_or_too_big() -> None:
 
 def test_encode_validates_too() -> None:
     with pytest.raises(p.ProtocolError):
-        p.encode_frame(p.Escalate(1, "s", 0, 0, b""))
+        p.encode_frame(p.Extend(1, "s", 0, 0, 0, b""))
 
 
 values = st.recursive(
@@ -81,8 +92,9 @@ values = st.recursive(
 
 @settings(max_examples=400, deadline=None)
 @given(kind=st.sampled_from(sorted(p.FRAME_TYPES)), fields=st.dictionaries(st.sampled_from(
-    ["id", "session", "start", "rows", "payload", "codec", "token", "u", "top_p", "temperature", "version", "fingerprint",
-     "exit_layer", "hidden_size", "predicted", "logprobs", "length", "have", "code", "message", "junk"]), values, max_size=8))
+    ["id", "session", "epoch", "start", "rows", "payload", "codec", "token", "want_token", "drafts", "q_support", "q_ids", "seed",
+     "top_p", "temperature", "version", "fingerprint", "exit_layer", "hidden_size", "predicted", "logprobs", "accepted", "length",
+     "have", "code", "message", "junk"]), values, max_size=8))
 def test_fuzzed_frames_decode_or_fail_as_protocol_error(kind, fields) -> None:
     try:
         frame = p.decode_frame(msgpack.packb({"type": kind, **fields}))
