@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from offramp.edge.assemble import EDGE_PRECISIONS, build_edge_runtime, build_local_link, resolve_precision
-from offramp.edge.generation import CATCH_UP_MODES, CLOUD, CollaborativeDecoder, DecodeOptions, GenerationStats
+from offramp.edge.decode_loop import CATCH_UP_MODES, CLOUD, CollaborativeDecoder, DecodeOptions, GenerationStats
 from offramp.shared.cli import config_from_args
 from offramp.shared.codecs import CODECS, DEFAULT_CODEC
 from offramp.shared.sampling import SamplingParams
@@ -21,10 +21,12 @@ def add_decision_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=None, help="exit confidence threshold (> 1 never exits); default: the calibrated one, else 0.9")
     p.add_argument("--head", type=Path, default=None, help="a trained exit head dir (default: the one train-exits wrote for this model and K)")
     p.add_argument("--no-trained-head", action="store_true", help="use the untrained final-norm head with the max-prob rule")
-    p.add_argument("--catch-up", choices=CATCH_UP_MODES, default="lazy", help="when exited tokens' states go up: with the next escalation, or at once")
-    p.add_argument("--draft-ahead", type=int, default=0, help="edge tokens drafted while an escalation is in flight (0: off)")
-    p.add_argument("--lossless", action="store_true", help="greedy only: emit edge tokens after the cloud confirmed them (output = full model)")
-    p.add_argument("--max-draft", type=int, default=8, help="lossless: edge tokens verified per round trip at most")
+    p.add_argument("--no-lossless", dest="lossless", action="store_false",
+                   help="exit mode: confident edge tokens are emitted without waiting for the cloud (the most cloud savings, a "
+                        "calibrated agreement instead of the full model's tokens); default: lossless, every token confirmed")
+    p.add_argument("--catch-up", choices=CATCH_UP_MODES, default="lazy", help="exit mode: exited tokens' states go up with the next request, or at once")
+    p.add_argument("--max-draft", type=int, default=16, help="edge drafts ahead of the last confirmed token, at most (the controller adapts below it)")
+    p.add_argument("--fixed-draft", type=int, default=0, help="speculate exactly this many drafts ahead, no adaptation (benchmarks; 0: adaptive)")
     p.add_argument("--cloud-timeout", type=float, default=10.0, help="seconds an escalation may take before the edge falls back")
     p.add_argument("--insecure", action="store_true", help="do not verify the wss:// cloud's certificate")
     p.add_argument("--cloud-ca-file", default=None, help="CA bundle for a wss:// cloud with a private certificate")
@@ -171,7 +173,7 @@ async def _collaborative(model, prompt_ids, args, setup, sampling, stop_ids, tok
         )
     decoder = CollaborativeDecoder(runtime, link, model.config.num_hidden_layers, confidence=setup.rule.confidence)
     options = DecodeOptions(args.max_new_tokens, setup.threshold, sampling, args.seed, stop_ids,
-                            catch_up=args.catch_up, draft_ahead=args.draft_ahead, lossless=args.lossless, max_draft=args.max_draft)
+                            catch_up=args.catch_up, lossless=args.lossless, max_draft=args.max_draft, fixed_draft=args.fixed_draft)
     token_ids, sources = [], []
     try:
         async for event in decoder.stream(prompt_ids, options):
@@ -180,6 +182,7 @@ async def _collaborative(model, prompt_ids, args, setup, sampling, stop_ids, tok
             if not args.json:
                 _echo(tokenizer, token_ids)
     finally:
+        decoder.close()
         if link is not None:
             await link.aclose()
     if decoder.stats.fallback_tokens:

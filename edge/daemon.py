@@ -23,7 +23,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from offramp.edge.generation import CLOUD, EDGE, FALLBACK
+from offramp.edge.decode_loop import CLOUD, EDGE, FALLBACK
 from offramp.edge.openai_api import (
     APIError,
     ChunkShaper,

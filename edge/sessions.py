@@ -26,7 +26,7 @@ import numpy as np
 
 from offramp.cloud.engine import DeepEngine
 from offramp.shared.contract import DeepResult, ExtendRequest
-from offramp.edge.generation import CollaborativeDecoder, DecodeOptions, GenerationStats
+from offramp.edge.decode_loop import CollaborativeDecoder, DecodeOptions, GenerationStats
 from offramp.edge.link import CloudLink, CloudUnavailableError, LinkStats, LocalCloudLink
 from offramp.edge.runtime import EdgeRuntime
 from offramp.shared.codecs import CODECS, DEFAULT_CODEC, get_codec
@@ -62,9 +62,9 @@ class EngineConfig:
     cloud_token: str | None = None  # bearer token for a ws:// cloud
     trained_head: bool = True  # use the trained head + calibrated rule when present
     catch_up: str = "lazy"  # lazy | eager (see DecodeOptions)
-    draft_ahead: int = 0  # edge tokens drafted while an escalation is in flight (0: off)
-    lossless: bool = False  # greedy requests: edge tokens verified by the cloud before they are sent
-    max_draft: int = 8
+    lossless: bool = True  # every token confirmed by the cloud before it is sent (False: exit mode)
+    max_draft: int = 16  # drafts ahead of the last confirmed token, at most
+    fixed_draft: int = 0  # > 0: speculate exactly this deep (benchmarks)
     cloud_timeout_s: float = 10.0  # an escalation unanswered this long falls back to the edge
     verify_tls: bool = True  # wss:// certificates are checked unless this is False
     cloud_ca_file: Path | None = None  # a CA bundle for a wss:// cloud with a private certificate
@@ -221,27 +221,13 @@ class ThreadedLocalLink(LocalCloudLink):
             return fn(*args)
 
     async def open_session(self, session_id: str) -> None:
-        await self._call(self.engine.contexts.open, session_id)
+        await self._call(self.engine.contexts.open, session_id, "", self.codec)
 
     async def close_session(self, session_id: str) -> None:
         await self._call(self.engine.contexts.close, session_id)
 
-    async def extend(
-        self, session_id: str, start: int, hidden: np.ndarray, want_token: bool, sampling: SamplingParams, u: float
-    ) -> DeepResult:
-        return await self._call(self._extend, session_id, start, hidden, want_token, sampling, u)
-
-    def _extend(
-        self, session_id: str, start: int, hidden: np.ndarray, want_token: bool, sampling: SamplingParams, u: float
-    ) -> DeepResult:
-        rows, width = hidden.shape
-        payload = self._codec.encode(hidden)
-        decoded = self._codec.decode(payload, rows, width)
-        result = self.engine.extend(ExtendRequest(session_id, start, decoded, "", want_token, sampling, u))
-        self.stats.bytes_up += len(payload)
-        self.stats.bytes_down += 8 * len(result.predicted) + (4 if result.token is not None else 0)
-        self.stats.round_trips += 1
-        return result
+    async def extend(self, request: ExtendRequest) -> DeepResult:
+        return await self._call(self.run, request)
 
 
 class RequestLink:
@@ -264,11 +250,9 @@ class RequestLink:
         await self._guard(self.shared.open_session(session_id))
         self.sessions.add(session_id)
 
-    async def extend(
-        self, session_id: str, start: int, hidden: np.ndarray, want_token: bool, sampling: SamplingParams, u: float
-    ) -> DeepResult:
-        result = await self._guard(self.shared.extend(session_id, start, hidden, want_token, sampling, u))
-        self.stats.bytes_up += self._codec.nbytes(*hidden.shape)
+    async def extend(self, request: ExtendRequest) -> DeepResult:
+        result = await self._guard(self.shared.extend(request))
+        self.stats.bytes_up += self._codec.nbytes(*request.hidden.shape)
         self.stats.bytes_down += 8 * len(result.predicted) + (4 if result.token is not None else 0)
         self.stats.round_trips += 1
         return result
@@ -463,8 +447,8 @@ class EdgeService:
             "threshold": self.threshold,
             "exit_rule": self.exit_setup.describe(),
             "catch_up": self.config.catch_up,
-            "draft_ahead": self.config.draft_ahead,
             "lossless": self.config.lossless,
+            "max_draft": self.config.max_draft,
             "codec": self.config.codec,
             "mode": self.mode,
             "sessions_active": self.pool.active,
@@ -522,7 +506,7 @@ class Generation:
         req, service = self.request, self.service
         cfg = service.config
         options = DecodeOptions(req.max_tokens, service.threshold, req.sampling, req.seed, service.stop_ids,
-                                catch_up=cfg.catch_up, draft_ahead=cfg.draft_ahead, lossless=cfg.lossless, max_draft=cfg.max_draft)
+                                catch_up=cfg.catch_up, lossless=cfg.lossless, max_draft=cfg.max_draft, fixed_draft=cfg.fixed_draft)
         self._events = self.decoder.stream(req.prompt_ids, options)
         token_ids: list[int] = []
         sources: list[str] = []

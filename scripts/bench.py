@@ -455,7 +455,7 @@ async def replay(link, trace, prompt: bm.BenchPrompt) -> bm.RequestResult:
     """One recorded collaborative request, again: same uploads after the same edge compute (slept, not run)."""
     import uuid
 
-    from offramp.shared.sampling import SamplingParams
+    from offramp.shared.contract import ExtendRequest
 
     events, tail, tokens, _ = trace
     session = uuid.uuid4().hex
@@ -465,7 +465,7 @@ async def replay(link, trace, prompt: bm.BenchPrompt) -> bm.RequestResult:
     try:
         for gap, start, hidden, want_token in events:
             await asyncio.sleep(gap)
-            await link.extend(session, start, hidden, want_token, SamplingParams(), 0.0)
+            await link.extend(ExtendRequest(session, start, hidden, want_token=want_token))
             first = first or time.perf_counter() - started
         await asyncio.sleep(tail)
     finally:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from offramp.edge.generation import CollaborativeDecoder, Confidence, DecodeOptions, max_prob_confidence
+from offramp.edge.decode_loop import CollaborativeDecoder, Confidence, DecodeOptions, max_prob_confidence
 from offramp.edge.link import CloudLink
 from offramp.edge.runtime import EdgeRuntime
 from offramp.shared.codecs import get_codec
@@ -163,9 +163,9 @@ class Setting:
         return f"K{self.exit_layer}/t{self.threshold:g}/{self.codec}/{self.edge_precision}/{self.loop}"
 
     def decode_options(self, max_new_tokens: int, stop_ids: Sequence[int]) -> DecodeOptions:
+        depth = self.max_draft if self.lossless else max(1, self.draft_ahead)  # plain: one draft at a time
         return DecodeOptions(max_new_tokens=max_new_tokens, threshold=self.threshold, stop_ids=list(stop_ids),
-                             catch_up=self.catch_up, draft_ahead=self.draft_ahead, lossless=self.lossless,
-                             max_draft=self.max_draft)
+                             catch_up=self.catch_up, lossless=self.lossless, max_draft=depth)
 
 
 # --------------------------------------------------------------------------------------------------- one request
@@ -255,15 +255,15 @@ class CountingLink:
         await self.inner.open_session(session_id)
         self._last = time.perf_counter()
 
-    async def extend(self, session_id, start, hidden, want_token, sampling, u):
+    async def extend(self, request):
         gap = time.perf_counter() - self._last
         if self.record:
-            self.trace.append((gap, start, np.array(hidden, copy=True), bool(want_token)))
+            self.trace.append((gap, request.start, np.array(request.hidden, copy=True), bool(request.want_token)))
         t = time.perf_counter()
         try:
-            return await self.inner.extend(session_id, start, hidden, want_token, sampling, u)
+            return await self.inner.extend(request)
         finally:
-            self.positions += len(hidden)
+            self.positions += len(request.hidden)
             self.calls += 1
             self._last = time.perf_counter()
             self.rtt_s.append(self._last - t)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from bench_procs import cpu_seconds
-from offramp.edge.generation import CLOUD, EDGE, FALLBACK, CollaborativeDecoder, DecodeOptions
+from offramp.edge.decode_loop import CLOUD, EDGE, FALLBACK, CollaborativeDecoder, DecodeOptions
 from offramp.edge.torch_runtime import TorchEdgeRuntime
 from offramp.edge.ws_link import WebSocketCloudLink
 from offramp.models.fingerprint import edge_identity

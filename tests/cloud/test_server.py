@@ -10,14 +10,19 @@ import msgpack
 import numpy as np
 import pytest
 
-from offramp.cloud.auth import AuthConfigError, check_bind, read_tokens
+from aiohttp import web
+
+from offramp.cloud.auth import AuthConfigError, BearerAuth, check_bind, read_tokens
+from offramp.cloud.config import CloudConfig
+from offramp.cloud.server import CloudState, make_app
 from offramp.cloud.full_model import FullModelRunner
-from offramp.edge.generation import CLOUD, EDGE, CollaborativeDecoder, DecodeOptions
+from offramp.edge.decode_loop import CLOUD, EDGE, CollaborativeDecoder, DecodeOptions
 from offramp.edge.link import CloudUnavailableError
 from offramp.edge.ws_link import CloudRefusedError, LinkConfigError, edge_url
 from offramp.shared import protocol as p
 from offramp.shared.sampling import SamplingParams
-from tests.cloud.conftest import LAYERS, running_cloud
+from offramp.models.fingerprint import model_fingerprint
+from tests.cloud.conftest import K, LAYERS, running_cloud
 
 PROMPTS = [[5, 17, 3, 99, 42, 8], [1, 2, 3], list(range(30, 52)), [77], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11]]
 
@@ -29,7 +34,7 @@ def full_greedy(model, prompt, n) -> list[int]:
 async def generate(runtime, link, prompt, n=16, threshold=1.5, confidence=None) -> tuple[list[int], list[str], CollaborativeDecoder]:
     kwargs = {"confidence": confidence} if confidence else {}
     decoder = CollaborativeDecoder(runtime, link, LAYERS, **kwargs)
-    events = [e async for e in decoder.stream(prompt, DecodeOptions(max_new_tokens=n, threshold=threshold))]
+    events = [e async for e in decoder.stream(prompt, DecodeOptions(max_new_tokens=n, threshold=threshold, lossless=False, max_draft=1))]
     return [e.token_id for e in events], [e.source for e in events], decoder
 
 
@@ -59,10 +64,10 @@ async def test_lossless_mode_over_the_network_equals_full_model(model, edge_runt
         try:
             for prompt in PROMPTS[:3]:
                 decoder = CollaborativeDecoder(edge_runtime(), link, LAYERS, confidence=lambda lg, h: 1.0)
-                opts = DecodeOptions(max_new_tokens=20, threshold=0.0, lossless=True, max_draft=4)
+                opts = DecodeOptions(max_new_tokens=20, max_draft=4)
                 tokens = [e.token_id async for e in decoder.stream(prompt, opts)]
                 assert tokens == full_greedy(model, prompt, 20)
-                assert decoder.stats.escalations < 20
+                assert decoder.stats.round_trips < 20  # several drafts verified per round trip
         finally:
             await link.aclose()
 
@@ -93,12 +98,13 @@ async def test_evicted_session_finishes_with_the_same_tokens(model, edge_runtime
         engine = cloud.state.engine
         original = engine.extend_batch
 
-        def evict_then_extend(reqs):  # drop every session's context before each forward
+        def extend_then_evict(reqs):  # drop every session's context after each answer: each request re-uploads
+            out = original(reqs)
             for req in reqs:
                 engine.contexts.evict(req.session_id, "test")
-            return original(reqs)
+            return out
 
-        engine.extend_batch = evict_then_extend
+        engine.extend_batch = extend_then_evict
         try:
             tokens, sources, decoder = await generate(edge_runtime(), link, prompt, 16, 0.5, alternating())
         finally:
@@ -167,8 +173,8 @@ async def test_missing_or_wrong_token_is_401_and_the_right_one_works(model, edge
     async with running_cloud(model, token="s3cret") as cloud:
         async with aiohttp.ClientSession() as http:
             for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "s3cret"}):
-                for path in ("/healthz", "/metrics", p.EDGE_PATH):
-                    async with http.get(cloud.http_url + path, headers=headers) as resp:
+                for method, path in (("GET", p.EDGE_PATH), ("POST", "/v1/completions")):
+                    async with http.request(method, cloud.http_url + path, headers=headers, json={"prompt": [1], "max_tokens": 1}) as resp:
                         assert resp.status == 401
                         assert "token" in (await resp.json())["error"]["message"]
         with pytest.raises(CloudRefusedError) as err:
@@ -180,6 +186,49 @@ async def test_missing_or_wrong_token_is_401_and_the_right_one_works(model, edge
     assert tokens == full_greedy(model, PROMPTS[1], 6) and set(sources) == {CLOUD}
 
 
+async def test_probes_answer_without_a_token_and_hold_no_secret(model) -> None:
+    """Orchestrators and Prometheus scrape /healthz and /metrics without credentials (as vLLM and llama.cpp allow)."""
+    async with running_cloud(model, token="s3cret") as cloud:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(cloud.http_url + "/healthz") as resp:
+                assert resp.status == 200
+                body = await resp.text()
+                assert json.loads(body)["status"] == "ok" and "s3cret" not in body
+            async with http.get(cloud.http_url + "/metrics") as resp:
+                assert resp.status == 200 and "offramp_cloud_sessions" in await resp.text()
+    async with running_cloud(model, token="s3cret", metrics_require_token=True) as cloud:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(cloud.http_url + "/metrics") as resp:
+                assert resp.status == 401
+            async with http.get(cloud.http_url + "/metrics", headers={"Authorization": "Bearer s3cret"}) as resp:
+                assert resp.status == 200
+            async with http.get(cloud.http_url + "/healthz") as resp:
+                assert resp.status == 200
+
+
+async def test_a_loading_cloud_answers_503_until_its_state_is_installed(model) -> None:
+    from offramp.cloud.server import install_state
+
+    cfg = CloudConfig(model="tiny", exit_layer=K, port=0)
+    app = make_app(auth=BearerAuth(None))
+    runner = web.AppRunner(app, shutdown_timeout=5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            for method, path in (("GET", "/healthz"), ("GET", "/metrics"), ("GET", p.EDGE_PATH), ("POST", "/v1/completions")):
+                async with http.request(method, url + path, json={"prompt": [1]}) as resp:
+                    assert resp.status == 503, path
+                    assert (await resp.json())["status"] == "loading"
+            install_state(app, CloudState(cfg, model, None, model_fingerprint(model), BearerAuth(None), model_name="tiny"))
+            async with http.get(url + "/healthz") as resp:
+                assert resp.status == 200
+    finally:
+        await runner.cleanup()
+
+
 async def test_sessions_belong_to_the_token_that_opened_them(model) -> None:
     async with running_cloud(model, token="alpha") as cloud:
         a = cloud.link(token="alpha")
@@ -189,7 +238,7 @@ async def test_sessions_belong_to_the_token_that_opened_them(model) -> None:
         again = cloud.link(token="alpha")
         await again.open_session("shared-id")
         await again.aclose()
-        assert cloud.state.session_codecs["shared-id"][0] != "anonymous"
+        assert cloud.state.contexts.peek("shared-id").owner != "anonymous"
 
 
 async def test_malformed_frames_get_error_frames_and_the_server_keeps_serving(model, edge_runtime) -> None:
@@ -203,7 +252,7 @@ async def test_malformed_frames_get_error_frames_and_the_server_keeps_serving(mo
             msgpack.packb({"type": "teleport", "id": 3}),
             msgpack.packb({"type": "open", "id": 4, "session": 12, "codec": "fp32"}),
             msgpack.packb({"type": "open", "id": 5, "session": "s", "codec": "zip"}),
-            msgpack.packb({"type": "escalate", "id": 6, "session": "never-opened", "start": 0, "rows": 1, "payload": b"x"}),
+            msgpack.packb({"type": "extend", "id": 6, "session": "never-opened", "epoch": 0, "start": 0, "rows": 1, "payload": b"x"}),
             msgpack.packb([1, 2, 3]),
         ]
         for data in bad_frames:
@@ -214,10 +263,10 @@ async def test_malformed_frames_get_error_frames_and_the_server_keeps_serving(mo
         # an escalation with a payload of the wrong size for its declared rows
         await ws.send_bytes(p.encode_frame(p.Open(7, "mine", "fp32")))
         assert isinstance(await recv(ws), p.Opened)
-        await ws.send_bytes(p.encode_frame(p.Escalate(8, "mine", 0, 2, b"\0" * 12)))
+        await ws.send_bytes(p.encode_frame(p.Extend(8, "mine", 0, 0, 2, b"\0" * 12)))
         replies.append(await recv(ws))
         nan = np.full((1, 64), np.nan, dtype=np.float32).tobytes()
-        await ws.send_bytes(p.encode_frame(p.Escalate(9, "mine", 0, 1, nan)))
+        await ws.send_bytes(p.encode_frame(p.Extend(9, "mine", 0, 0, 1, nan)))
         replies.append(await recv(ws))
         await session.close()
         kinds = [(type(r).__name__, getattr(r, "code", None)) for r in replies]
@@ -295,3 +344,62 @@ def test_unsafe_bind_and_bad_token_files_are_refused(tmp_path) -> None:
     with pytest.raises(LinkConfigError):
         edge_url("http:/nowhere")
     assert edge_url("http://h:1") == "ws://h:1/v1/edge" and edge_url("wss://h:1/x") == "wss://h:1/x"
+
+
+async def open_sessions(cloud, names: list[str], token: str | None = None) -> tuple[aiohttp.ClientSession, aiohttp.ClientWebSocketResponse, list[p.Frame]]:
+    """A raw connection that says hello and opens `names`; returns it with the replies (Opened or Error)."""
+    session, ws = await raw_ws(cloud, {"Authorization": f"Bearer {token}"} if token else None)
+    m = cloud.manifest()
+    await ws.send_bytes(p.encode_frame(p.Hello(p.PROTOCOL_VERSION, m["model_fingerprint"], m["exit_layer"], m["hidden_size"])))
+    assert isinstance(await recv(ws), p.Welcome)
+    replies = []
+    for i, name in enumerate(names):
+        await ws.send_bytes(p.encode_frame(p.Open(i + 1, name, "fp32")))
+        replies.append(await recv(ws))
+    return session, ws, replies
+
+
+async def test_sessions_a_dead_edge_abandoned_do_not_lock_its_token_out(model) -> None:
+    """Issue 14, defect 1: sessions of a crashed edge (no Close) used to count against the per-client limit until
+    the cloud restarted. Without auth every edge shares one owner, so every edge was locked out."""
+    async with running_cloud(model, max_sessions_per_client=2) as cloud:
+        crashed, ws, replies = await open_sessions(cloud, ["a", "b"])
+        assert all(isinstance(r, p.Opened) for r in replies)
+        await crashed.close()  # the edge dies: no Close frames
+        for _ in range(50):
+            if not cloud.state.connections:
+                break
+            await asyncio.sleep(0.02)
+        fresh, ws, replies = await open_sessions(cloud, ["c", "d", "e"])
+        assert isinstance(replies[0], p.Opened) and isinstance(replies[1], p.Opened)
+        # a live connection's sessions are not abandoned: the limit still holds for it
+        assert isinstance(replies[2], p.Error) and replies[2].code == p.TOO_MANY_SESSIONS
+        assert sorted(c.session_id for c in cloud.state.contexts.sessions()) == ["c", "d"]
+        await fresh.close()
+
+
+async def test_cloud_only_completions_survive_kv_pressure_under_one_budget(model, edge_runtime) -> None:
+    """Issue 14, defect 2: a running completion evicted under KV pressure used to fail (500 or a cut stream), and
+    completions had a budget of their own beside the edge sessions'. Now one table, one budget, and an evicted
+    completion rebuilds its context from its own tokens."""
+    budget_mb = 0.03
+    async with running_cloud(model, kv_budget_mb=budget_mb) as cloud, aiohttp.ClientSession() as http:
+        link = cloud.link("fp32")
+
+        async def complete(prompt):
+            async with http.post(cloud.http_url + "/v1/completions", json={"prompt": prompt, "max_tokens": 12}) as resp:
+                assert resp.status == 200, await resp.text()
+                return (await resp.json())["choices"][0]["token_ids"]
+
+        prompts = [PROMPTS[i % len(PROMPTS)] + [i] for i in range(4)]
+        edge_runs = [generate(edge_runtime(), link, PROMPTS[1] + [i], 10) for i in range(2)]
+        results = await asyncio.gather(*(complete(pr) for pr in prompts), *edge_runs)
+        await link.aclose()
+        assert cloud.state.contexts.evictions > 0
+        assert cloud.state.contexts.nbytes <= budget_mb * (1 << 20)
+        async with http.get(cloud.http_url + "/healthz") as resp:
+            assert (await resp.json())["kv_budget_bytes"] == int(budget_mb * (1 << 20))
+    for prompt, tokens in zip(prompts, results[:4]):
+        assert tokens == full_greedy(model, prompt, 12)
+    for i, (tokens, sources, _) in enumerate(results[4:]):
+        assert tokens == full_greedy(model, PROMPTS[1] + [i], 10) and set(sources) == {CLOUD}

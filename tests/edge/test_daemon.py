@@ -14,7 +14,7 @@ import pytest
 from offramp.cloud.full_model import FullModelRunner
 from offramp.edge.assemble import build_local_link
 from offramp.edge.daemon import SERVICE, DaemonConfig, make_app
-from offramp.edge.generation import CLOUD, FALLBACK
+from offramp.edge.decode_loop import CLOUD, FALLBACK
 from offramp.edge.link import CloudUnavailableError
 from offramp.edge.sessions import EdgeService, EngineConfig
 from tests.edge.conftest import REQUEST_TIMEOUT, ThreadedServer, http, sse_events, start_daemon, wait_until
@@ -251,11 +251,11 @@ class FlakyLink:
     async def open_session(self, sid):
         await self.inner.open_session(sid)
 
-    async def extend(self, sid, *args):
+    async def extend(self, request):
         if self.good <= 0:
             raise CloudUnavailableError("cloud unreachable (test)")
         self.good -= 1
-        return await self.inner.extend(sid, *args)
+        return await self.inner.extend(request)
 
     async def close_session(self, sid):
         await self.inner.close_session(sid)

@@ -10,7 +10,7 @@ import torch
 
 from offramp.edge.assemble import build_edge_runtime, resolve_precision
 from offramp.edge.exit_setup import find_trained_head, resolve_exit_setup
-from offramp.edge.generation import CollaborativeDecoder, DecodeOptions
+from offramp.edge.decode_loop import CollaborativeDecoder, DecodeOptions
 from offramp.models.exit_heads import build_head, save_head
 from offramp.models.fingerprint import model_fingerprint
 from offramp.shared.exit_rule import ExitRule, save_exit_rule

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from offramp.edge.generation import CLOUD, FALLBACK, CollaborativeDecoder, DecodeOptions
+from offramp.edge.decode_loop import CLOUD, FALLBACK, CollaborativeDecoder, DecodeOptions
 from offramp.edge.torch_runtime import TorchEdgeRuntime
 from offramp.edge.ws_link import WebSocketCloudLink
 from offramp.models.fingerprint import edge_identity
