@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from offramp.cloud.full_model import FullModelRunner
-from offramp.edge.assemble import build_local_link
+from offramp.cloud.local_link import local_link as build_local_link
 from offramp.edge.generation import CLOUD, EDGE, FALLBACK, CollaborativeDecoder, DecodeOptions
 from offramp.edge.link import CloudUnavailableError
-from offramp.edge.torch_runtime import TorchEdgeRuntime
+from offramp.models.reference_runtime import TorchEdgeRuntime
 from offramp.models.split import EdgePart
 from offramp.shared.sampling import SamplingParams
 from tests.conftest import make_tiny_llama
@@ -55,7 +55,10 @@ async def test_always_escalate_equals_full_model(model) -> None:
     positions = len(PROMPT) + 24
     assert stats.cloud_layer_tokens == positions * 2
     assert stats.full_layer_tokens == positions * 4
-    assert stats.bytes_up == positions * 64 * 4  # fp32 payload, 64-wide hidden
+    # bytes are the frames' (open, 25 escalations, close): the fp32 payload of every position plus msgpack framing
+    payload = positions * 64 * 4
+    assert payload < stats.bytes_up <= payload + 160 * 27
+    assert stats.bytes_down > 0 and stats.bytes_up == decoder.link.stats.bytes_up  # one request: the link's own count
 
 
 async def test_never_escalating_is_edge_only_and_sends_nothing(model) -> None:
@@ -63,7 +66,8 @@ async def test_never_escalating_is_edge_only_and_sends_nothing(model) -> None:
     tokens, sources = await run(decoder, DecodeOptions(max_new_tokens=20, threshold=0.0))
     assert tokens == edge_only_greedy(model, PROMPT, 20)
     assert set(sources) == {EDGE}
-    assert decoder.stats.bytes_up == 0 and decoder.stats.cloud_layer_tokens == 0
+    assert decoder.stats.cloud_layer_tokens == 0
+    assert decoder.stats.bytes_up < 200  # only the session's open and close frames: no hidden state went up
 
 
 async def test_mixed_exits_catch_up_and_check_agreement(model) -> None:
@@ -89,17 +93,17 @@ class EvictingLink:
         self.inner, self.every, self.calls = inner, every, 0
         self.codec, self.deep_layers, self.stats = inner.codec, inner.deep_layers, inner.stats
 
-    async def open_session(self, sid):
-        await self.inner.open_session(sid)
+    async def open_session(self, sid, stats=None):
+        await self.inner.open_session(sid, stats)
 
-    async def extend(self, sid, *args):
+    async def extend(self, sid, *args, stats=None):
         self.calls += 1
         if self.calls % self.every == 0:
             self.inner.engine.contexts.evict(sid, "test")
-        return await self.inner.extend(sid, *args)
+        return await self.inner.extend(sid, *args, stats=stats)
 
-    async def close_session(self, sid):
-        await self.inner.close_session(sid)
+    async def close_session(self, sid, stats=None):
+        await self.inner.close_session(sid, stats)
 
     async def aclose(self):
         await self.inner.aclose()
@@ -123,13 +127,13 @@ class DeadLink:
 
         self.stats = LinkStats()
 
-    async def open_session(self, sid):
+    async def open_session(self, sid, stats=None):
         raise CloudUnavailableError("down")
 
-    async def extend(self, *args):
+    async def extend(self, *args, stats=None):
         raise CloudUnavailableError("down")
 
-    async def close_session(self, sid):
+    async def close_session(self, sid, stats=None):
         raise CloudUnavailableError("down")
 
     async def aclose(self):
@@ -188,15 +192,15 @@ class SlowLink:
         self.inner, self.delay_s = inner, delay_s
         self.codec, self.deep_layers, self.stats = inner.codec, inner.deep_layers, inner.stats
 
-    async def open_session(self, session_id):
-        await self.inner.open_session(session_id)
+    async def open_session(self, session_id, stats=None):
+        await self.inner.open_session(session_id, stats)
 
-    async def extend(self, *args):
+    async def extend(self, *args, stats=None):
         await asyncio.sleep(self.delay_s)
-        return await self.inner.extend(*args)
+        return await self.inner.extend(*args, stats=stats)
 
-    async def close_session(self, session_id):
-        await self.inner.close_session(session_id)
+    async def close_session(self, session_id, stats=None):
+        await self.inner.close_session(session_id, stats)
 
     async def aclose(self):
         pass
@@ -228,18 +232,22 @@ async def test_drafting_during_escalations_changes_no_token(model, sampling) -> 
 
 async def test_drafting_through_an_unreachable_cloud_keeps_the_drafts(model) -> None:
     class DeadLink(SlowLink):
-        async def extend(self, *args):
+        attempts = 0
+
+        async def extend(self, *args, stats=None):
+            self.attempts += 1
             await asyncio.sleep(self.delay_s)
             raise CloudUnavailableError("gone")
 
     outs = {}
     for draft in (0, 4):
-        decoder = CollaborativeDecoder(TorchEdgeRuntime(EdgePart(model, K)), DeadLink(build_local_link(model, K), 0.02), 4,
-                                       confidence=every_third_escalates)
-        outs[draft] = (*(await run(decoder, DecodeOptions(max_new_tokens=30, threshold=0.5, draft_ahead=draft))), decoder.stats)
+        link = DeadLink(build_local_link(model, K), 0.02)
+        decoder = CollaborativeDecoder(TorchEdgeRuntime(EdgePart(model, K)), link, 4, confidence=every_third_escalates)
+        outs[draft] = (*(await run(decoder, DecodeOptions(max_new_tokens=30, threshold=0.5, draft_ahead=draft))), decoder.stats, link.attempts)
     assert outs[4][0] == outs[0][0] == edge_only_greedy(model, PROMPT, 30)
     assert outs[4][1] == outs[0][1] and FALLBACK in outs[0][1]
-    assert outs[4][2].wall_s < outs[0][2].wall_s  # the edge did not sit idle through the timeouts
+    # the edge kept decoding while each doomed escalation was out (its drafts kept), instead of sitting idle
+    assert outs[4][2].drafted_tokens > 0 and outs[0][2].drafted_tokens == 0 and outs[4][3] == outs[0][3]
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.5])
@@ -261,7 +269,7 @@ async def test_lossless_mode_gives_exactly_the_full_models_greedy_tokens(model, 
 
 async def test_lossless_mode_without_a_cloud_still_completes(model) -> None:
     class Gone(SlowLink):
-        async def extend(self, *args):
+        async def extend(self, *args, stats=None):
             raise CloudUnavailableError("gone")
 
     decoder = CollaborativeDecoder(TorchEdgeRuntime(EdgePart(model, K)), Gone(build_local_link(model, K), 0), 4, confidence=lambda lg, h: 1.0)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from offramp.edge.generation import CLOUD, FALLBACK, CollaborativeDecoder, DecodeOptions
-from offramp.edge.torch_runtime import TorchEdgeRuntime
+from offramp.models.reference_runtime import TorchEdgeRuntime
 from offramp.edge.ws_link import WebSocketCloudLink
 from offramp.models.fingerprint import edge_identity
 from offramp.models.split import EdgePart

@@ -59,7 +59,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def edge_runtime(model):
-    from offramp.edge.torch_runtime import TorchEdgeRuntime
+    from offramp.models.reference_runtime import TorchEdgeRuntime
     from offramp.models.split import EdgePart
 
     return lambda m=model: TorchEdgeRuntime(EdgePart(m, K))
