@@ -16,6 +16,7 @@ from offramp.edge.config import EdgeConfig
 from offramp.edge.daemon import STATE, DaemonConfig, make_app
 from offramp.edge.generation import CLOUD, FALLBACK
 from offramp.edge.link import CloudUnavailableError
+from offramp.edge.service import EdgeService
 from tests.edge.conftest import REQUEST_TIMEOUT, ThreadedServer, http, open_service, sse_events, start_daemon, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
