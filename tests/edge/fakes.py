@@ -112,8 +112,10 @@ class FakeCloudLink:
     codec = "fp32"
     deep_layers = 2
 
-    def __init__(self, truth: Predictor = edge_guess, evict_at: Sequence[int] = (), evict_to: int = 0) -> None:
+    def __init__(self, truth: Predictor = edge_guess, evict_at: Sequence[int] = (), evict_to: int = 0, scripted_rows: bool = True) -> None:
+        """`scripted_rows=False` takes rows from a real runtime (their first value is then not a token)."""
         self.truth = truth
+        self.scripted_rows = scripted_rows
         self.evict_at = set(evict_at)
         self.evict_to = evict_to
         self.down = False
@@ -141,7 +143,7 @@ class FakeCloudLink:
     ) -> DeepResult:
         self._check()
         self.extends += 1
-        rows = [(int(r[0]), int(r[1])) for r in np.asarray(hidden)]
+        rows = [(int(r[0]) % VOCAB, int(r[1])) if self.scripted_rows else (0, start + i) for i, r in enumerate(np.asarray(hidden))]
         self.calls.append(Call("extend", session_id, start, len(rows), want_token, [p for _, p in rows]))
         await asyncio.sleep(0)  # an answer is never instant: the loop may draft meanwhile
         if self.before_answer is not None:
