@@ -48,7 +48,7 @@ from offramp.edge.config import EdgeConfig
 from offramp.edge.link import CloudRefusedError
 from offramp.edge.runtime_pool import BusyError
 from offramp.edge.service import EdgeService
-from offramp.edge.text_stream import TextRequest, TextResult
+from offramp.edge.text_stream import TextRequest, TextResult, TextStream
 from offramp.edge.tokenizer import ChatTemplateError
 from offramp.shared.auth import is_loopback
 from offramp.shared.auth import read_token_file as read_token
@@ -387,9 +387,9 @@ def _client_gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
-def _offramp(request: web.Request, result: TextResult) -> dict[str, Any]:
-    service = request.app[STATE].ready()[0]
-    return result.offramp_fields(service.exit_layer, service.threshold)
+def _offramp(generation: TextStream, result: TextResult) -> dict[str, Any]:
+    """The `offramp` statistics, from the service that ran it (still there while the daemon drains)."""
+    return result.offramp_fields(generation.service.exit_layer, generation.service.threshold)
 
 
 def _refused(exc: CloudRefusedError) -> APIError:
@@ -397,7 +397,7 @@ def _refused(exc: CloudRefusedError) -> APIError:
     return APIError(str(exc), status=502, type="server_error", code=f"cloud_{exc.code}")
 
 
-async def _complete(request: web.Request, generation: Any, chat: bool, model: str) -> web.StreamResponse:
+async def _complete(request: web.Request, generation: TextStream, chat: bool, model: str) -> web.StreamResponse:
     try:
         async for _ in generation:
             if _client_gone(request):
@@ -410,10 +410,10 @@ async def _complete(request: web.Request, generation: Any, chat: bool, model: st
     assert result is not None
     rid, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
     shape = chat_object if chat else completion_object
-    return web.json_response(shape(rid, model, created, result, _offramp(request, result)))
+    return web.json_response(shape(rid, model, created, result, _offramp(generation, result)))
 
 
-async def _stream(request: web.Request, generation: Any, chat: bool, model: str, include_usage: bool) -> web.StreamResponse:
+async def _stream(request: web.Request, generation: TextStream, chat: bool, model: str, include_usage: bool) -> web.StreamResponse:
     """Server-sent events in OpenAI's chunk format; the final chunk carries finish_reason, usage and `offramp`."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await response.prepare(request)
@@ -433,7 +433,7 @@ async def _stream(request: web.Request, generation: Any, chat: bool, model: str,
                 await send(shaper.piece(delta.text, delta.token_ids, delta.sources))
         result = generation.result
         assert result is not None
-        await send(shaper.final(result, _offramp(request, result)))
+        await send(shaper.final(result, _offramp(generation, result)))
         if include_usage:
             await send(shaper.usage_only(result))
         await response.write(b"data: [DONE]\n\n")

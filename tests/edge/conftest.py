@@ -144,6 +144,8 @@ class DaemonProcess:
     host: str = "127.0.0.1"
     token_file: Path | None = None
     extra: list[str] = field(default_factory=list)
+    launcher: list[str] | None = None  # the `offramp` command (default: this venv's)
+    env: dict[str, str] | None = None  # the process environment (default: this one's)
     proc: subprocess.Popen | None = None
     port: int | None = None
     output: list[str] = field(default_factory=list)
@@ -154,7 +156,7 @@ class DaemonProcess:
 
     def start(self, timeout: float = 120.0) -> "DaemonProcess":
         script = Path(sys.executable).with_name("offramp")
-        launcher = [str(script)] if script.exists() else [sys.executable, "-m", "offramp.shared.cli"]
+        launcher = self.launcher or ([str(script)] if script.exists() else [sys.executable, "-m", "offramp.shared.cli"])
         source = ["--edge", str(self.edge)] if self.edge is not None else ["--exit-layer", str(self.exit_layer)]
         cmd = [
             *launcher, "edge", "serve", *source,
@@ -164,7 +166,7 @@ class DaemonProcess:
         ]  # fmt: skip
         if self.token_file is not None:
             cmd += ["--token-file", str(self.token_file)]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(self.env if self.env is not None else os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         threading.Thread(target=self._drain, daemon=True).start()
         deadline = time.monotonic() + timeout
