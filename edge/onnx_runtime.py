@@ -8,6 +8,7 @@ are already host memory and the presents come back as new arrays either way), an
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,24 @@ from offramp.shared.edge_manifest import GRAPH_FILE, check_manifest, io_names
 from offramp.shared.errors import ArtifactError, ContextLengthError
 
 MAX_DEFAULT_THREADS = 8
+_SESSIONS: dict[tuple, ort.InferenceSession] = {}  # one per graph file (and its version, threads, providers)
+_SESSIONS_LOCK = threading.Lock()
+
+
+def _shared_session(graph: Path, options: ort.SessionOptions, providers: tuple[str, ...]) -> ort.InferenceSession:
+    """One inference session per graph in a process: sessions are read-only and run concurrent calls safely,
+    so several services over one edge directory (the bench's settings, a test's apps) share its weights."""
+    stat = graph.stat()
+    key = (str(graph.resolve()), stat.st_mtime_ns, stat.st_size, options.intra_op_num_threads, providers)
+    with _SESSIONS_LOCK:
+        session = _SESSIONS.get(key)
+        if session is None:
+            try:
+                session = ort.InferenceSession(str(graph), options, providers=list(providers))
+            except Exception as exc:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf types
+                raise ArtifactError(f"ONNX Runtime cannot load {graph}: {exc}") from exc
+            _SESSIONS[key] = session
+        return session
 
 
 def default_providers(precision: str = "fp32") -> list[str]:
@@ -68,10 +87,7 @@ class OnnxEdgeRuntime:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.providers = providers or default_providers(self.precision)
         graph = self.graph_dir / m.get("graph_file", GRAPH_FILE)
-        try:
-            self.session = ort.InferenceSession(str(graph), options, providers=self.providers)
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf types
-            raise ArtifactError(f"ONNX Runtime cannot load {graph}: {exc}") from exc
+        self.session = _shared_session(graph, options, tuple(self.providers))
         names_in = [i.name for i in self.session.get_inputs()]
         names_out = [o.name for o in self.session.get_outputs()]
         if names_in != self._inputs or names_out != self._outputs:
