@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from offramp.shared.edge_manifest import PRECISIONS, check_manifest
+from offramp.shared.edge_manifest import PRECISIONS, check_manifest, read_format_json
 from offramp.shared.errors import ArtifactError
 from offramp.shared.exit_rule import ROUTER_FILE
 
@@ -74,14 +74,7 @@ class EdgeDirManifest:
         if not path.is_file():
             hint = " (it holds a single edge graph: export a whole edge directory with `offramp export --out DIR`)" if (edge_dir / "edge.onnx").is_file() else ""
             raise ArtifactError(f"{edge_dir} is not an exported edge directory: no {EDGE_DIR_FILE}{hint}")
-        try:
-            raw = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ArtifactError(f"{path} is not valid JSON ({exc}); export the edge directory again") from exc
-        if not isinstance(raw, dict) or raw.get("format") != EDGE_DIR_FORMAT:
-            raise ArtifactError(f"{path} is not an offramp edge-directory manifest (format {raw.get('format') if isinstance(raw, dict) else None!r})")
-        if raw.get("format_version") != EDGE_DIR_FORMAT_VERSION:
-            raise ArtifactError(f"{path} has format_version {raw.get('format_version')!r}; this offramp reads {EDGE_DIR_FORMAT_VERSION}")
+        raw = read_format_json(path, EDGE_DIR_FORMAT, EDGE_DIR_FORMAT_VERSION, "edge directory")
         known = set(cls.__dataclass_fields__)
         try:
             manifest = cls(**{k: v for k, v in raw.items() if k in known})
