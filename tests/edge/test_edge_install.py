@@ -40,11 +40,14 @@ def du_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
 
 
-def test_edge_modules_and_generate_need_no_torch(default_edge_dir) -> None:
+def test_edge_modules_generate_and_the_sdk_need_no_torch(default_edge_dir) -> None:
     script = BLOCKED + f"""
 import importlib
 for name in {EDGE_MODULES!r}:
     importlib.import_module(name)
+from offramp.edge import LocalEngine
+with LocalEngine(edge={str(default_edge_dir)!r}, cloud="none", precision="fp32") as engine:
+    assert len(engine.generate("Hi", chat=True, max_tokens=3).token_ids) == 3
 from offramp.shared.cli import main
 sys.exit(main(["generate", "--edge", {str(default_edge_dir)!r}, "--cloud", "none", "--prompt", "Hi", "--chat",
                "--max-new-tokens", "4", "--json"]))
