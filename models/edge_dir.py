@@ -20,6 +20,8 @@ from offramp.shared.exit_rule import ROUTER_FILE
 from offramp.shared.version import __version__
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # what `--model default` is served as
+# What `offramp export` puts in an edge directory unless told: what `--edge-precision auto` picks between.
+DEFAULT_EXPORT_PRECISIONS = ("fp32", "int8")
 
 
 def model_name(spec: str) -> str:
@@ -105,7 +107,7 @@ def export_edge_dir(
     model_spec: str,
     exit_layer: int,
     out_dir: Path | str,
-    precisions: tuple[str, ...] | list[str] = PRECISIONS,
+    precisions: tuple[str, ...] | list[str] = DEFAULT_EXPORT_PRECISIONS,
     head_dir: Path | str | None = None,
     progress: bool = True,
     force: bool = False,
