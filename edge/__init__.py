@@ -1,7 +1,8 @@
-"""The edge: shallow layers + exit head in ONNX Runtime (or PyTorch), the decode loop, the cloud link.
+"""The edge: shallow layers + exit head in ONNX Runtime from an exported edge directory, the decode loop, the cloud link.
 
-For apps: `Client` / `AsyncClient` talk to a running `offramp edge serve`; `LocalEngine` embeds the edge (and
-optionally the cloud) in-process. They are imported lazily, so `from offramp.edge import Client` does not load torch.
+Nothing here needs torch or transformers (the base install). For apps: `Client` / `AsyncClient` talk to a running
+`offramp edge serve`; `LocalEngine` embeds the edge (and, with the cloud extra, the cloud) in-process. They are
+imported lazily, so `from offramp.edge import Client` loads neither ONNX Runtime nor the tokenizer.
 """
 
 from __future__ import annotations

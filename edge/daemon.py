@@ -1,10 +1,16 @@
 """`offramp edge serve`: the edge daemon, an OpenAI-compatible HTTP server over `EdgeService`.
 
 Layers, as in vLLM: this module routes, authenticates, streams and counts; `openai_api` validates and shapes;
-`sessions` generates. `make_app(config)` builds the aiohttp application so tests can run it on a random port.
+`service` generates. `make_app(config)` builds the aiohttp application so tests can run it on a random port.
 
-    offramp edge serve --cloud none                       # edge-standalone on 127.0.0.1:8710
-    offramp edge serve --cloud ws://gpu-box:8720 --token-file ~/.offramp/edge-token --host 0.0.0.0
+    offramp edge serve --edge DIR --cloud none                                  # edge-standalone on 127.0.0.1:8710
+    offramp edge serve --edge DIR --cloud ws://gpu-box:8720 --cloud-token-file ~/.offramp/cloud-token \
+        --token-file ~/.offramp/edge-token --host 0.0.0.0
+
+The daemon listens at once and loads its edge in the background: `/healthz` answers 503 (`loading`) until the
+edge is ready and again while it drains on SIGTERM, so an orchestrator routes traffic only to a daemon that can
+serve. `/healthz` and `/metrics` need no token (orchestrators and Prometheus scrape them; `--metrics-require-token`
+closes /metrics) and hold no secrets.
 """
 
 from __future__ import annotations
@@ -13,9 +19,11 @@ import asyncio
 import hmac
 import json
 import logging
+import signal
 import socket
+import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +44,12 @@ from offramp.edge.openai_api import (
     parse_json_body,
     resolve_max_tokens,
 )
-from offramp.edge.sessions import BusyError, EdgeService, EngineConfig, TextRequest, TextResult
+from offramp.edge.config import EdgeConfig
+from offramp.edge.link import CloudRefusedError
+from offramp.edge.runtime_pool import BusyError
+from offramp.edge.service import EdgeService
+from offramp.edge.text_stream import TextRequest, TextResult, TextStream
+from offramp.edge.tokenizer import ChatTemplateError
 from offramp.shared.auth import is_loopback
 from offramp.shared.auth import read_token_file as read_token
 from offramp.shared.errors import OfframpError
@@ -46,8 +59,7 @@ from offramp.shared.version import __version__
 log = logging.getLogger("offramp.edge.daemon")
 
 DEFAULT_PORT = 8710
-OPEN_ROUTES = frozenset({"/healthz"})  # answer without a token, so a supervisor can probe
-DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
+PROBE_ROUTES = frozenset({"/healthz", "/metrics"})  # answer without a token, so a supervisor and Prometheus can probe
 
 
 class DaemonConfigError(OfframpError, ValueError):
@@ -58,10 +70,11 @@ class DaemonConfigError(OfframpError, ValueError):
 class DaemonConfig:
     """Everything `offramp edge serve` takes; the engine part is shared with the SDK's LocalEngine."""
 
-    engine: EngineConfig = field(default_factory=EngineConfig)
+    engine: EdgeConfig = field(default_factory=EdgeConfig)
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
-    token_file: Path | None = None
+    token_file: Path | None = None  # the token clients must send to this daemon (never the cloud's)
+    metrics_require_token: bool = False  # /metrics behind the token too
     max_body_bytes: int = 1 << 20  # 1 MiB: a long prompt fits; beyond is 413
     max_tokens_limit: int = 4096
     default_max_tokens: int = 256
@@ -83,13 +96,8 @@ class DaemonConfig:
             )
 
     @property
-    def model_name(self) -> str:
-        """The id clients send as `model` (also accepted: 'default')."""
-        if self.served_model_name:
-            return self.served_model_name
-        if self.engine.model == "default":
-            return DEFAULT_SERVED_NAME
-        return Path(self.engine.model).name.removesuffix(".gguf")
+    def open_routes(self) -> frozenset[str]:
+        return PROBE_ROUTES - {"/metrics"} if self.metrics_require_token else PROBE_ROUTES
 
 
 class Metrics:
@@ -135,24 +143,52 @@ class Metrics:
         self.duration.observe(stats.wall_s)
 
 
+LOADING, READY, DRAINING, FAILED = "loading", "ready", "draining", "failed"
+
+
+@dataclass
+class DaemonState:
+    """Where the daemon is in its life: loading its edge, serving, draining, or failed to load (and why)."""
+
+    phase: str = LOADING
+    service: EdgeService | None = None
+    limits: Limits | None = None
+    error: str | None = None
+    loaded: asyncio.Event = field(default_factory=asyncio.Event)  # set once the load ended, either way
+
+    def ready(self) -> tuple[EdgeService, Limits]:
+        """The service, or a 503 saying why there is none yet (or any more)."""
+        if self.phase == READY and self.service is not None and self.limits is not None:
+            return self.service, self.limits
+        reason = {LOADING: "the edge is still loading; retry shortly", DRAINING: "the daemon is shutting down",
+                  FAILED: f"the edge failed to load: {self.error}"}.get(self.phase, self.phase)
+        raise APIError(reason, status=503, type="server_error", code=self.phase)
+
+
 CONFIG = web.AppKey("config", DaemonConfig)
-SERVICE = web.AppKey("service", EdgeService)
+STATE = web.AppKey("state", DaemonState)
 METRICS = web.AppKey("metrics", Metrics)
-LIMITS = web.AppKey("limits", Limits)
 TOKEN = web.AppKey("token", str)
 STARTED = web.AppKey("started", int)
 
+ServiceBuilder = Callable[[], EdgeService]
 
-def make_app(config: DaemonConfig, service: EdgeService | None = None, *, close_service: bool | None = None) -> web.Application:
-    """The daemon's application. Without `service`, the model is loaded at start-up. The service is closed at
-    cleanup when the app made it (or `close_service=True`); a borrowed one lets tests share one model between apps."""
+
+def make_app(
+    config: DaemonConfig, service: EdgeService | None = None, *, build: ServiceBuilder | None = None, close_service: bool | None = None
+) -> web.Application:
+    """The daemon's application: it serves at once and builds its edge in the background (`build`, by default
+    `EdgeService.open(config.engine)`), answering 503 until it is ready. With `service` it is ready at once and
+    the service is borrowed (not closed at cleanup unless `close_service=True`), so tests share one model."""
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_errors, _auth])
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app[STARTED] = int(time.time())
     if config.token_file is not None:
         app[TOKEN] = read_token(config.token_file)
-    app.cleanup_ctx.append(_service_ctx(service, service is None if close_service is None else close_service))
+    builder = build or (lambda: EdgeService.open(config.engine, progress=False))
+    app.cleanup_ctx.append(_service_ctx(service, builder, service is None if close_service is None else close_service))
+    app.on_shutdown.append(_drain)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
@@ -161,24 +197,64 @@ def make_app(config: DaemonConfig, service: EdgeService | None = None, *, close_
     return app
 
 
-def _service_ctx(service: EdgeService | None, close: bool) -> Any:
+def _service_ctx(service: EdgeService | None, build: ServiceBuilder, close: bool) -> Any:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        svc = service if service is not None else await asyncio.to_thread(EdgeService.load, app[CONFIG].engine)
-        app[SERVICE] = svc
-        app[LIMITS] = Limits(
-            served_model=app[CONFIG].model_name,
-            context_length=svc.max_positions,
-            max_tokens_limit=app[CONFIG].max_tokens_limit,
-            default_max_tokens=app[CONFIG].default_max_tokens,
-        )
-        m = app[METRICS]
-        m.sessions.set_function(lambda: svc.pool.active)
-        m.cloud_up.set_function(lambda: {"up": 1, "down": 0}.get(svc.health.state, -1 if svc.link is None else 1))
+        state = app[STATE] = DaemonState()
+        task = None
+        if service is not None:
+            _became_ready(app, service)
+        else:
+            task = asyncio.create_task(_load(app, build))
         yield
-        if close:
-            await svc.aclose()
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if state.service is not None and close:
+            await state.service.aclose()
 
     return ctx
+
+
+async def _load(app: web.Application, build: ServiceBuilder) -> None:
+    """Build the edge in a thread (the loop keeps answering /healthz), say hello to the cloud, then serve."""
+    state = app[STATE]
+    try:
+        service = await asyncio.to_thread(build)
+        state.service = service
+        await service.check_cloud()  # a refusal (wrong token, another model) fails start-up with the cloud's message
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - reported through /healthz and the log; serve() exits on it
+        state.phase, state.error = FAILED, f"{type(exc).__name__}: {exc}" if not isinstance(exc, OfframpError) else str(exc)
+        log.error("the edge failed to load: %s", state.error)
+        state.loaded.set()
+        return
+    if state.phase == LOADING:
+        _became_ready(app, service)
+
+
+def _became_ready(app: web.Application, service: EdgeService) -> None:
+    config, state, m = app[CONFIG], app[STATE], app[METRICS]
+    state.service = service
+    state.limits = Limits(
+        served_model=config.served_model_name or service.model_name,
+        context_length=service.max_positions,
+        max_tokens_limit=config.max_tokens_limit,
+        default_max_tokens=config.default_max_tokens,
+    )
+    m.sessions.set_function(lambda: service.pool.active)
+    m.cloud_up.set_function(lambda: {"up": 1, "down": 0}.get(service.health.state, -1 if service.link is None else 1))
+    state.phase = READY
+    state.loaded.set()
+    log.info("offramp edge ready: model %s, %s, cloud %s, exit layer %d, edge %s", state.limits.served_model, service.mode,
+             service.health.url or service.config.cloud_kind, service.exit_layer, service.precision)
+
+
+async def _drain(app: web.Application) -> None:
+    """SIGTERM: /healthz turns 503 and new requests are refused while in-flight ones finish."""
+    state = app[STATE]
+    if state.phase in (READY, LOADING):
+        state.phase = DRAINING
 
 
 # -- middlewares ------------------------------------------------------------------------------------------------
@@ -220,9 +296,9 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 @web.middleware
 async def _auth(request: web.Request, handler: Any) -> web.StreamResponse:
-    """With a token configured, every route but /healthz needs `Authorization: Bearer <token>` (constant-time check)."""
+    """With a token configured, every route but the probes needs `Authorization: Bearer <token>` (constant-time check)."""
     token = request.app.get(TOKEN)
-    if token is not None and request.path not in OPEN_ROUTES:
+    if token is not None and request.path not in request.app[CONFIG].open_routes:
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
@@ -234,18 +310,25 @@ async def _auth(request: web.Request, handler: Any) -> web.StreamResponse:
 
 
 async def models(request: web.Request) -> web.Response:
-    name = request.app[LIMITS].served_model
+    name = request.app[STATE].ready()[1].served_model
     data = [{"id": name, "object": "model", "created": request.app[STARTED], "owned_by": "offramp"}]
     return web.json_response({"object": "list", "data": data})
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """200 while the edge can serve (even if the cloud is down: it falls back); 503 once shutting down."""
-    service = request.app[SERVICE]
+    """Liveness and readiness: 200 while the edge can serve (even if the cloud is down: it falls back); 503 while
+    loading, draining or after a failed load. No secrets: no token, no credentials in URLs."""
+    state = request.app[STATE]
+    service = state.service
+    if state.phase != READY or service is None or service.closed:
+        phase = DRAINING if state.phase == READY else state.phase
+        body: dict[str, Any] = {"status": phase, "version": __version__}
+        if state.error:
+            body["error"] = state.error
+        return web.json_response(body, status=503)
     cloud = service.link_state()
-    status = "shutting_down" if service.closed else ("degraded" if cloud["state"] == "down" else "ok")
-    body = {"status": status, "version": __version__, "edge": service.describe(), "cloud": cloud}
-    return web.json_response(body, status=503 if service.closed else 200)
+    body = {"status": "degraded" if cloud["state"] == "down" else "ok", "version": __version__, "edge": service.describe(), "cloud": cloud}
+    return web.json_response(body)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -262,7 +345,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
-    service, limits, metrics = request.app[SERVICE], request.app[LIMITS], request.app[METRICS]
+    (service, limits), metrics = request.app[STATE].ready(), request.app[METRICS]
     body = parse_json_body(await request.read())
     if chat:
         parsed = parse_chat(body, limits)
@@ -295,8 +378,8 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
 def _encode_chat(service: EdgeService, messages: list[dict[str, str]]) -> list[int]:
     try:
         return service.encode_chat(messages)
-    except Exception as exc:  # the template is the model's own Jinja: it may refuse an order of roles
-        raise APIError(f"the model's chat template refused these messages: {exc}", param="messages", code="invalid_value") from None
+    except ChatTemplateError as exc:  # the template is the model's own Jinja: it may refuse an order of roles
+        raise APIError(str(exc), param="messages", code="invalid_value") from None
 
 
 def _client_gone(request: web.Request) -> bool:
@@ -304,25 +387,33 @@ def _client_gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
-def _offramp(request: web.Request, result: TextResult) -> dict[str, Any]:
-    service = request.app[SERVICE]
-    return result.offramp_fields(service.config.exit_layer, service.threshold)
+def _offramp(generation: TextStream, result: TextResult) -> dict[str, Any]:
+    """The `offramp` statistics, from the service that ran it (still there while the daemon drains)."""
+    return result.offramp_fields(generation.service.exit_layer, generation.service.threshold)
 
 
-async def _complete(request: web.Request, generation: Any, chat: bool, model: str) -> web.StreamResponse:
-    async for _ in generation:
-        if _client_gone(request):
-            request.app[METRICS].disconnects.inc()
-            log.info("client left %s before its completion; session freed", request.path)
-            return web.Response(status=499)
+def _refused(exc: CloudRefusedError) -> APIError:
+    """The cloud refused this edge (wrong token, another model...): an error naming it, never fallback tokens."""
+    return APIError(str(exc), status=502, type="server_error", code=f"cloud_{exc.code}")
+
+
+async def _complete(request: web.Request, generation: TextStream, chat: bool, model: str) -> web.StreamResponse:
+    try:
+        async for _ in generation:
+            if _client_gone(request):
+                request.app[METRICS].disconnects.inc()
+                log.info("client left %s before its completion; session freed", request.path)
+                return web.Response(status=499)
+    except CloudRefusedError as exc:
+        raise _refused(exc) from None
     result = generation.result
     assert result is not None
     rid, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
     shape = chat_object if chat else completion_object
-    return web.json_response(shape(rid, model, created, result, _offramp(request, result)))
+    return web.json_response(shape(rid, model, created, result, _offramp(generation, result)))
 
 
-async def _stream(request: web.Request, generation: Any, chat: bool, model: str, include_usage: bool) -> web.StreamResponse:
+async def _stream(request: web.Request, generation: TextStream, chat: bool, model: str, include_usage: bool) -> web.StreamResponse:
     """Server-sent events in OpenAI's chunk format; the final chunk carries finish_reason, usage and `offramp`."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await response.prepare(request)
@@ -342,7 +433,7 @@ async def _stream(request: web.Request, generation: Any, chat: bool, model: str,
                 await send(shaper.piece(delta.text, delta.token_ids, delta.sources))
         result = generation.result
         assert result is not None
-        await send(shaper.final(result, _offramp(request, result)))
+        await send(shaper.final(result, _offramp(generation, result)))
         if include_usage:
             await send(shaper.usage_only(result))
         await response.write(b"data: [DONE]\n\n")
@@ -351,9 +442,14 @@ async def _stream(request: web.Request, generation: Any, chat: bool, model: str,
         request.app[METRICS].disconnects.inc()
         log.info("client left %s mid-stream; session freed", request.path)
     except Exception as exc:  # headers are sent: report in-band, as OpenAI does, then end the stream
-        log.exception("generation failed mid-stream")
+        if isinstance(exc, CloudRefusedError):
+            log.error("the cloud refused the edge mid-stream: %s", exc)
+            error = _refused(exc)
+        else:
+            log.exception("generation failed mid-stream")
+            error = APIError(str(exc), status=500, type="server_error", code="generation_failed")
         try:
-            await send(APIError(str(exc), status=500, type="server_error", code="generation_failed").body())
+            await send(error.body())
             await response.write(b"data: [DONE]\n\n")
         except ConnectionResetError:
             pass
@@ -378,28 +474,43 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(config: DaemonConfig) -> None:
-    """Load the model, bind, print the address, serve until SIGINT/SIGTERM (in-flight requests drain first)."""
+def serve(config: DaemonConfig) -> int:
+    """Bind, print the address, load the edge in the background, serve until SIGINT/SIGTERM (in-flight requests
+    drain first). Returns the exit status: 0 after a drain, 2 when the edge failed to load."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from offramp.models import load_model
-
     if config.token_file is not None:
-        read_token(config.token_file)  # fail before the slow part
-    model, tokenizer = load_model(config.engine.model)
+        read_token(config.token_file)  # fail before binding
     sock = bind_socket(config.host, config.port)
+    return asyncio.run(_serve(config, sock))
+
+
+async def _serve(config: DaemonConfig, sock: socket.socket) -> int:
+    app = make_app(config, close_service=True)
+    runner = web.AppRunner(app, shutdown_timeout=config.shutdown_timeout_s, access_log=logging.getLogger("aiohttp.access"))
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
+    engine = config.engine
+    print(f"offramp edge serve: listening on http://{shown}:{port} (loading {engine.edge or engine.model}; cloud {engine.cloud_kind})", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    state = app[STATE]
+    failed = asyncio.create_task(_wait_failed(state))
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({failed, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (failed, stopped):
+        task.cancel()
+    code = 2 if state.phase == FAILED else 0
+    if code:
+        print(f"offramp: error: {state.error}", file=sys.stderr, flush=True)
+    await runner.cleanup()  # stop listening, drain in-flight requests (on_shutdown marks the daemon draining), close
+    return code
 
-    async def app_factory() -> web.Application:
-        # the service (and its cloud link) is built inside the serving loop, which it then belongs to
-        service = EdgeService(model, tokenizer, config.engine)
-        print(
-            f"offramp edge serve: listening on http://{shown}:{port} (model {config.model_name}, {service.mode}, "
-            f"cloud {config.engine.cloud}, exit layer {config.engine.exit_layer}, edge {config.engine.precision})",
-            flush=True,
-        )
-        return make_app(config, service, close_service=True)
 
-    web.run_app(
-        app_factory(), sock=sock, print=None, shutdown_timeout=config.shutdown_timeout_s, access_log=logging.getLogger("aiohttp.access")
-    )
+async def _wait_failed(state: DaemonState) -> None:
+    await state.loaded.wait()
+    if state.phase != FAILED:
+        await asyncio.Event().wait()  # loaded fine: only a signal ends the daemon

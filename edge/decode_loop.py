@@ -266,6 +266,7 @@ class _Run:
     # -- the generator -----------------------------------------------------------------------------------------
 
     async def events(self) -> AsyncIterator[TokenEvent]:
+        self.runtime.reset()  # a runtime from a pool still holds its last sequence
         if self.link is not None:
             try:
                 await self.link.open_session(self.session)

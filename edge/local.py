@@ -3,15 +3,18 @@
 Same engine as the daemon (`EdgeService`), same results, same `Completion`:
 
     >>> from offramp.edge import LocalEngine
-    >>> with LocalEngine(cloud="local", precision="torch") as engine:       # edge + in-process cloud
+    >>> with LocalEngine(edge="edge-k15", cloud="ws://gpu-box:8700") as engine:   # an exported edge directory
     ...     done = engine.generate("What is gravity?", chat=True, max_tokens=32)
     ...     print(done.text, done.stats["escalations"])
     ...     for piece in engine.stream("Write a haiku about rain.", chat=True):
     ...         print(piece, end="", flush=True)
 
-`cloud` is "none" (edge-standalone), "local" (deep layers in this process) or a ws:// URL of `offramp cloud
-serve`. The engine runs its own event loop on a background thread, so the sync methods work anywhere and the
-async ones (`agenerate`, `astream`) work from any loop.
+`edge` is a directory `offramp export --out DIR` wrote (no torch needed); without it `model` ('default', a
+checkpoint dir, a .gguf; the cloud extra) is exported into the cache first. `cloud` is "none"
+(edge-standalone), "local" (deep layers in this process; the cloud extra) or a ws:// URL of `offramp cloud
+serve`, whose token is `cloud_token` (else $OFFRAMP_CLOUD_TOKEN, else $OFFRAMP_TOKEN). The engine runs its own
+event loop on a background thread, so the sync methods work anywhere and the async ones (`agenerate`,
+`astream`) work from any loop.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from offramp.edge.client import Completion, GenerateOptions, Prompt, chat_messages, completion_prompt
-from offramp.edge.sessions import EdgeService, EngineConfig, TextRequest, TextResult
+from offramp.edge.config import EdgeConfig
+from offramp.edge.service import EdgeService
+from offramp.edge.text_stream import TextRequest, TextResult
 from offramp.shared.codecs import DEFAULT_CODEC
 from offramp.shared.sampling import SamplingParams
 
@@ -97,7 +102,7 @@ class AsyncLocalStream:
 class LocalEngine:
     """Edge runtime + optional cloud in this process. Close it (or use `with`) to free the model and the link.
 
-    >>> engine = LocalEngine(cloud="none", precision="torch", threshold=0.9)
+    >>> engine = LocalEngine(edge="edge-k15", cloud="none", threshold=0.9)
     >>> engine.generate("The capital of France is", max_tokens=8).sources
     ['edge', 'edge', ...]
     >>> engine.close()
@@ -107,46 +112,49 @@ class LocalEngine:
         self,
         model: str = "default",
         *,
-        exit_layer: int = 15,
+        edge: str | Path | None = None,
+        exit_layer: int | None = None,
         cloud: str = "none",
-        precision: str = "torch",
+        precision: str = "auto",
         threshold: float | None = None,
         codec: str = DEFAULT_CODEC,
         cloud_token: str | None = None,
-        artifacts: str | Path | None = None,
+        head: str | Path | None = None,
         trained_head: bool = True,
         cloud_timeout_s: float = 10.0,
         verify_tls: bool = True,
         max_sessions: int = 4,
         loaded: tuple[Any, Any] | None = None,
     ) -> None:
-        """`loaded=(model, tokenizer)` reuses weights already in memory instead of loading `model` again.
+        """`loaded=(model, tokenizer)` reuses weights already in memory for `model` (export, `cloud="local"`).
 
-        Like `offramp generate`: the trained exit head and its calibrated threshold are used when `offramp
-        train-exits`/`calibrate` left them for this model and K (`artifacts` names another head dir,
-        `trained_head=False` keeps the untrained final-norm head); an explicit `threshold` wins.
+        Like `offramp generate`: the edge directory's calibrated rule and threshold are used when it has them; with
+        `model`, the trained head `offramp train-exits` left for it and K is exported (`head` names another head
+        dir, `trained_head=False` keeps the untrained final-norm head); an explicit `threshold` wins.
         """
-        self.config = EngineConfig(
-            model=model, exit_layer=exit_layer, precision=precision, cloud=cloud, codec=codec, threshold=threshold,
-            max_sessions=max_sessions, artifacts=Path(artifacts) if artifacts is not None else None, cloud_token=cloud_token,
+        self.config = EdgeConfig(
+            edge=Path(edge) if edge is not None else None, model=model, exit_layer=exit_layer, precision=precision,
+            cloud=cloud, codec=codec, threshold=threshold, max_sessions=max_sessions,
+            head=Path(head) if head is not None else None, cloud_token=cloud_token,
             trained_head=trained_head, cloud_timeout_s=cloud_timeout_s, verify_tls=verify_tls,
         )
-        if loaded is None:
-            from offramp.models import load_model
-
-            loaded = load_model(model)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="offramp-local-engine", daemon=True)
         self._thread.start()
-        model_obj, tokenizer = loaded
         try:
-            self.service: EdgeService = self._call(self._build(model_obj, tokenizer))
+            self.service: EdgeService = self._call(self._build(loaded))
         except BaseException:
             self._stop_loop()
             raise
 
-    async def _build(self, model: Any, tokenizer: Any) -> EdgeService:
-        return EdgeService(model, tokenizer, self.config)
+    async def _build(self, loaded: tuple[Any, Any] | None) -> EdgeService:
+        service = await asyncio.to_thread(EdgeService.open, self.config, loaded=loaded, progress=False)
+        try:
+            await service.check_cloud()  # a refusing cloud fails here, with its message
+        except BaseException:
+            await service.aclose()
+            raise
+        return service
 
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -199,7 +207,7 @@ class LocalEngine:
                         put(("piece", delta.text))
                 await generation.aclose()
                 if generation.result is not None:
-                    put(("done", completion_from_result(generation.result, self.config.exit_layer, self.service.threshold)))
+                    put(("done", completion_from_result(generation.result, self.service.exit_layer, self.service.threshold)))
             except BaseException as exc:  # noqa: BLE001
                 put(("error", exc))
             finally:

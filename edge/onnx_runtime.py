@@ -8,18 +8,35 @@ are already host memory and the presents come back as new arrays either way), an
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from offramp.edge.runtime import EdgeStep
-from offramp.edge.torch_runtime import ContextLengthError
-from offramp.models.export import export_edge, head_identity
-from offramp.shared.edge_manifest import GRAPH_FILE, PRECISIONS, check_manifest, io_names
-from offramp.shared.errors import ArtifactError
+from offramp.shared.edge_manifest import GRAPH_FILE, check_manifest, io_names
+from offramp.shared.errors import ArtifactError, ContextLengthError
 
 MAX_DEFAULT_THREADS = 8
+_SESSIONS: dict[tuple, ort.InferenceSession] = {}  # one per graph file (and its version, threads, providers)
+_SESSIONS_LOCK = threading.Lock()
+
+
+def _shared_session(graph: Path, options: ort.SessionOptions, providers: tuple[str, ...]) -> ort.InferenceSession:
+    """One inference session per graph in a process: sessions are read-only and run concurrent calls safely,
+    so several services over one edge directory (the bench's settings, a test's apps) share its weights."""
+    stat = graph.stat()
+    key = (str(graph.resolve()), stat.st_mtime_ns, stat.st_size, options.intra_op_num_threads, providers)
+    with _SESSIONS_LOCK:
+        session = _SESSIONS.get(key)
+        if session is None:
+            try:
+                session = ort.InferenceSession(str(graph), options, providers=list(providers))
+            except Exception as exc:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf types
+                raise ArtifactError(f"ONNX Runtime cannot load {graph}: {exc}") from exc
+            _SESSIONS[key] = session
+        return session
 
 
 def default_providers(precision: str = "fp32") -> list[str]:
@@ -70,10 +87,7 @@ class OnnxEdgeRuntime:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.providers = providers or default_providers(self.precision)
         graph = self.graph_dir / m.get("graph_file", GRAPH_FILE)
-        try:
-            self.session = ort.InferenceSession(str(graph), options, providers=self.providers)
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf types
-            raise ArtifactError(f"ONNX Runtime cannot load {graph}: {exc}") from exc
+        self.session = _shared_session(graph, options, tuple(self.providers))
         names_in = [i.name for i in self.session.get_inputs()]
         names_out = [o.name for o in self.session.get_outputs()]
         if names_in != self._inputs or names_out != self._outputs:
@@ -111,49 +125,3 @@ class OnnxEdgeRuntime:
     def reset(self) -> None:
         self._past = [np.zeros(self._kv_shape, dtype=np.float32) for _ in range(2 * self.exit_layer)]
         self._length = 0
-
-
-def ensure_edge_graph(
-    model_spec: str,
-    exit_layer: int,
-    precision: str,
-    out_dir: Path | str | None = None,
-    head_dir: Path | str | None = None,
-    model=None,
-    progress: bool = True,
-    force: bool = False,
-) -> Path:
-    """The dir of an edge graph for (model, K, precision, head), exporting it when missing or not matching.
-
-    Default place: `artifacts_dir(fingerprint, K)/edge-<precision>` (or `edge-<precision>-<head kind>` with a
-    trained head). Pass `model` when it is already loaded, to skip loading it again.
-    """
-    from offramp.models import load_model, model_fingerprint
-    from offramp.models.architecture import check_exit_layer
-    from offramp.models.exit_heads import load_head
-    from offramp.shared.paths import artifacts_dir
-
-    if precision not in PRECISIONS:
-        raise ValueError(f"edge graph precision {precision!r} is not one of {PRECISIONS}")
-    if model is None:
-        model, _ = load_model(model_spec)
-    check_exit_layer(model, exit_layer)
-    fingerprint = model_fingerprint(model)
-    head, head_manifest = (None, None) if head_dir is None else load_head(Path(head_dir), model)
-    if head is None:
-        from offramp.models.exit_heads import FinalNormHead
-
-        identity = head_identity(FinalNormHead(model), None)
-    else:
-        identity = head_identity(head, head_manifest)
-    if out_dir is None:
-        suffix = "" if head is None else f"-{identity['kind']}"
-        out_dir = artifacts_dir(fingerprint, exit_layer) / f"edge-{precision}{suffix}"
-    out_dir = Path(out_dir)
-    if not force:
-        try:
-            check_manifest(out_dir, fingerprint=fingerprint, exit_layer=exit_layer, precision=precision, head=identity)
-            return out_dir
-        except ArtifactError:
-            pass  # missing, stale or for another model/head: export afresh
-    return export_edge(model, exit_layer, out_dir, precision, head=head, head_manifest=head_manifest, progress=progress)

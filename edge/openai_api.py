@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from offramp.edge.sessions import TextResult
+from offramp.edge.text_stream import TextResult
 from offramp.shared.errors import OfframpError
 
 MAX_STOP_STRINGS = 4

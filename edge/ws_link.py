@@ -4,8 +4,14 @@ One connection carries every session of this edge; requests carry ids and a read
 waiter, so concurrent generations (the daemon) share it. The link connects lazily, says hello with the edge
 graph's model fingerprint and exit layer, and after a failure waits with exponential backoff before trying
 again, so a dead cloud costs one fast `CloudUnavailableError` per escalation (the edge falls back), not a
-connect timeout each time. A cloud that lost a session (evicted, restarted) answers `Evicted`; the link
-re-opens the session and raises `ContextMismatchError`, and the decode loop re-uploads from what the cloud holds.
+connect timeout each time. One request answered late (`CloudTimeoutError`) falls back alone: the connection is
+fine, so the link neither backs off nor counts as down for the requests sharing it. A refusal (wrong token, another
+model or protocol version, a codec the cloud lacks, another client's session) is a `CloudRefusedError`, never a
+fallback. A cloud that lost a session (evicted, restarted) answers `Evicted`; the link re-opens the session and
+raises `ContextMismatchError`, and the decode loop re-uploads from what the cloud holds.
+
+Bytes are counted per frame as sent and received (msgpack frame bytes, retries included): in the link's own
+`stats`, and in the `stats` a caller passes for its request (`offramp.edge.link.LinkStats`).
 """
 
 from __future__ import annotations
@@ -20,19 +26,21 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import numpy as np
 
-from offramp.edge.link import CloudUnavailableError, LinkStats
+from offramp.edge.link import REFUSAL_CODES, CloudRefusedError, CloudTimeoutError, CloudUnavailableError, LinkStats
 from offramp.shared import protocol as p
-from offramp.shared.contract import ContextMismatchError, DeepResult, ExtendRequest, StaleRequestError
+from offramp.shared.contract import ContextMismatchError, DeepResult, ExtendRequest, StaleRequestError, extend_frame, from_result_frame
 from offramp.shared.codecs import DEFAULT_CODEC, get_codec
 from offramp.shared.errors import OfframpError
 
 
-class CloudRefusedError(CloudUnavailableError):
-    """The cloud answered with an error (wrong model, bad token, limit reached, ...): `code` says which."""
+__all__ = ["CloudRefusedError", "LinkConfigError", "WebSocketCloudLink", "edge_url"]
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"cloud refused ({code}): {message}")
-        self.code = code
+
+def error_reply(code: str, message: str) -> Exception:
+    """An Error frame as an exception: a refusal fails the request, anything else (busy, draining) falls back."""
+    if code in REFUSAL_CODES:
+        return CloudRefusedError(code, message)
+    return CloudUnavailableError(f"cloud answered {code}: {message}")
 
 
 class LinkConfigError(OfframpError, ValueError):
@@ -95,49 +103,37 @@ class WebSocketCloudLink:
         self._connect_lock: asyncio.Lock | None = None
         self._failures = 0
         self._retry_at = 0.0
+        self._last_frame_at = 0.0  # monotonic time of the last frame from the cloud
 
     def __repr__(self) -> str:  # no token here
         return f"WebSocketCloudLink({self.url!r}, codec={self.codec!r}, state={self.state!r})"
 
     # -- CloudLink ---------------------------------------------------------------------------------------
 
-    async def open_session(self, session_id: str) -> None:
-        await self._request(p.Open(next(self._ids), session_id, self.codec))
+    async def open_session(self, session_id: str, stats: LinkStats | None = None) -> None:
+        await self._request(p.Open(next(self._ids), session_id, self.codec), stats)
         self._sessions.add(session_id)
 
-    async def extend(self, request: ExtendRequest) -> DeepResult:
-        payload = self._codec.encode(np.asarray(request.hidden, dtype=np.float32))
-        q_ids = q_probs = b""
-        support = 0
-        if request.draft_q is not None and request.drafts and not request.sampling.greedy:
-            support = max(len(q.ids) for q in request.draft_q)
-            ids = np.zeros((len(request.drafts), support), dtype="<i4")
-            probs = np.zeros((len(request.drafts), support), dtype="<f4")
-            for row, q in enumerate(request.draft_q):
-                ids[row, : len(q.ids)] = q.ids
-                probs[row, : len(q.ids)] = q.probs
-            q_ids, q_probs = ids.tobytes(), probs.tobytes()
-        frame = p.Extend(
-            next(self._ids), request.session_id, int(request.epoch), int(request.start), request.rows, payload,
-            bool(request.want_token), [int(d) for d in request.drafts], support, q_ids, q_probs,
-            float(request.sampling.temperature), float(request.sampling.top_p), int(request.seed),
-            int(request.top_logprobs), bool(request.rebase),
-        )
-        reply = await self._request(frame)
+    async def extend(self, request: ExtendRequest, stats: LinkStats | None = None) -> DeepResult:
+        frame = extend_frame(next(self._ids), request, self._codec.encode(np.asarray(request.hidden, dtype=np.float32)))
+        reply = await self._request(frame, stats)
         if isinstance(reply, p.Evicted):
             if reply.have == 0:  # the cloud forgot the session itself: open it again before the re-upload
-                await self._request(p.Open(next(self._ids), request.session_id, self.codec))
+                await self._request(p.Open(next(self._ids), request.session_id, self.codec), stats)
             raise ContextMismatchError(request.session_id, request.start, reply.have, reply.epoch, reply.reason)
         if isinstance(reply, p.Stale):
             raise StaleRequestError(request.session_id, request.epoch, reply.epoch, reply.length)
         if not isinstance(reply, p.Result):
-            raise CloudRefusedError(p.BAD_FRAME, f"expected a result frame, got {reply.type}")
-        return DeepResult(reply.start, reply.predicted, reply.logprobs, reply.token, reply.length, reply.accepted, reply.epoch,
-                          reply.token_logprobs, reply.top_ids, reply.top_logprobs)
+            raise CloudUnavailableError(f"the cloud answered an extend with a {reply.type} frame, not a result")
+        return from_result_frame(reply)
 
-    async def close_session(self, session_id: str) -> None:
+    async def close_session(self, session_id: str, stats: LinkStats | None = None) -> None:
         self._sessions.discard(session_id)
-        await self._request(p.Close(next(self._ids), session_id))
+        await self._request(p.Close(next(self._ids), session_id), stats)
+
+    async def connect(self) -> None:
+        """Connect and say hello now (start-up): raises CloudRefusedError for a refusal, CloudUnavailableError if unreachable."""
+        await self._connected()
 
     async def aclose(self) -> None:
         self.state = "closed"
@@ -148,8 +144,8 @@ class WebSocketCloudLink:
 
     # -- connection ----------------------------------------------------------------------------------------
 
-    async def _request(self, frame: p.Frame) -> p.Frame:
-        """Send a frame and wait for its reply, at most timeout_s in all.
+    async def _request(self, frame: p.Frame, stats: LinkStats | None = None) -> p.Frame:
+        """Send a frame and wait for its reply, at most timeout_s in all; count both frames in `stats` too.
 
         A connection that dies under the request (reset on the way, or a cloud that restarted while this edge sat
         idle, noticed only now) is tried once more on a fresh connection within the same deadline: every request
@@ -157,18 +153,26 @@ class WebSocketCloudLink:
         that is really gone fails that reconnect at once, and the edge falls back.
         """
         data = p.encode_frame(frame)
+        counters = [self.stats] if stats is None or stats is self.stats else [self.stats, stats]
         deadline = time.monotonic() + self.timeout_s
         for last_try in (False, True):
             ws = await self._connected()
             future = asyncio.get_running_loop().create_future()
             self._pending[frame.id] = future
+            sent_at = time.monotonic()
             try:
                 await ws.send_bytes(data)
-                self.stats.bytes_up += len(data)
-                reply = await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
+                for c in counters:
+                    c.add_frame(up=len(data))
+                reply, size = await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
+                for c in counters:
+                    c.add_frame(down=size)
                 break
             except asyncio.TimeoutError:
-                self._back_off(f"no answer from the cloud within {self.timeout_s:g} s")
+                message = f"no answer from the cloud within {self.timeout_s:g} s ({frame.type})"
+                if self._last_frame_at > sent_at:  # other answers arrived meanwhile: the link is fine, only this one is late
+                    raise CloudTimeoutError(message) from None
+                self._back_off(message + "; the link carried nothing meanwhile")
                 raise CloudUnavailableError(self.last_error) from None
             except CloudUnavailableError:  # the reader lost the connection while we waited (see _drop)
                 if last_try or self.state == "closed":
@@ -179,10 +183,11 @@ class WebSocketCloudLink:
                     raise CloudUnavailableError(self.last_error) from exc
             finally:
                 self._pending.pop(frame.id, None)
-        self.stats.round_trips += 1
+        for c in counters:
+            c.round_trips += 1
         self._failures = 0
         if isinstance(reply, p.Error):
-            raise CloudRefusedError(reply.code, reply.message)
+            raise error_reply(reply.code, reply.message)
         return reply
 
     async def _connected(self) -> aiohttp.ClientWebSocketResponse:
@@ -216,7 +221,7 @@ class WebSocketCloudLink:
             )
         except aiohttp.WSServerHandshakeError as exc:
             if exc.status == 401:
-                raise CloudRefusedError(p.UNAUTHORIZED, "the cloud wants a valid bearer token (--token-file)") from exc
+                raise CloudRefusedError(p.UNAUTHORIZED, "the cloud wants a valid bearer token (--cloud-token-file, or $OFFRAMP_CLOUD_TOKEN)") from exc
             raise CloudUnavailableError(f"cannot open {self.url}: HTTP {exc.status}") from exc
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             raise CloudUnavailableError(f"cannot reach {self.url}: {type(exc).__name__}: {exc}".rstrip(": ")) from exc
@@ -235,7 +240,7 @@ class WebSocketCloudLink:
             raise
         if isinstance(reply, p.Error):
             await ws.close()
-            raise CloudRefusedError(reply.code, reply.message)
+            raise error_reply(reply.code, reply.message)
         if not isinstance(reply, p.Welcome) or reply.version != p.PROTOCOL_VERSION:
             await ws.close()
             raise CloudRefusedError(p.VERSION_MISMATCH, f"unexpected answer to hello: {reply}")
@@ -255,7 +260,7 @@ class WebSocketCloudLink:
             async for msg in ws:
                 if msg.type != aiohttp.WSMsgType.BINARY:
                     continue
-                self.stats.bytes_down += len(msg.data)
+                self._last_frame_at = time.monotonic()
                 try:
                     frame = p.decode_frame(msg.data)
                 except p.ProtocolError as exc:
@@ -264,8 +269,10 @@ class WebSocketCloudLink:
                 rid = getattr(frame, "id", 0)
                 future = self._pending.get(rid) if rid else None
                 if future is not None and not future.done():
-                    future.set_result(frame)
-                elif isinstance(frame, p.Evicted):
+                    future.set_result((frame, len(msg.data)))  # the waiter counts it, for its request
+                    continue
+                self.stats.add_frame(down=len(msg.data))  # pushed frames belong to no request
+                if isinstance(frame, p.Evicted):
                     self.pushed_evictions += 1  # the next request for it gets Evicted and re-uploads
                 elif isinstance(frame, p.Error):
                     self.last_error = f"{frame.code}: {frame.message}"

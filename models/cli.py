@@ -19,28 +19,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_export(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("export", help="export the edge part (layers 0..K-1 + exit head) as an ONNX graph")
+    p = subparsers.add_parser("export", help="export a self-contained edge directory: ONNX graph(s), head, exit rule, tokenizer")
     p.add_argument("--model", default="default", help="'default', a local HF checkpoint dir, or a .gguf file")
     p.add_argument("--exit-layer", type=int, required=True, help="K: the edge runs layers 0..K-1")
-    p.add_argument("--out", type=Path, default=None, help="output dir (default: the artifacts cache for this model and K)")
-    p.add_argument("--precision", choices=PRECISIONS, default="int8")
-    p.add_argument("--head", type=Path, default=None, help="dir of a trained exit head (default: final norm + LM head)")
-    p.add_argument("--force", action="store_true", help="export even when a matching graph is already there")
+    p.add_argument("--out", type=Path, default=None, help="the edge directory (default: the artifacts cache for this model and K)")
+    p.add_argument("--precision", choices=PRECISIONS, nargs="+", default=["fp32", "int8"],
+                   help="edge graphs to include (default: fp32 and int8; `--edge-precision auto` picks int8 standalone, fp32 collaborating)")
+    p.add_argument("--head", type=Path, default=None, help="dir of a trained exit head (default: the one train-exits wrote, if any)")
+    p.add_argument("--no-trained-head", action="store_true", help="export the untrained final-norm head even when a trained one exists")
+    p.add_argument("--force", action="store_true", help="export the graphs again even when matching ones are already there")
     p.set_defaults(func=run_export)
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from offramp.edge.onnx_runtime import ensure_edge_graph
     from offramp.models import load_model
-    from offramp.shared.edge_manifest import MANIFEST_FILE
+    from offramp.models.edge_dir import ensure_edge_dir, export_edge_dir, pick_head
+    from offramp.shared.edge_dir import EdgeDirManifest
 
-    model, _ = load_model(args.model)
-    out = ensure_edge_graph(
-        args.model, args.exit_layer, args.precision, out_dir=args.out, head_dir=args.head, model=model, force=args.force
-    )
-    manifest = json.loads((out / MANIFEST_FILE).read_text())
-    sizes = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in manifest["files"].items())
-    print(f"{out}  (K={manifest['exit_layer']} {manifest['precision']}: {sizes})")
+    loaded = load_model(args.model)
+    if args.out is None:
+        out, _ = ensure_edge_dir(args.model, args.exit_layer, args.precision, args.head, not args.no_trained_head, loaded)
+    else:
+        model, tokenizer = loaded
+        from offramp.models.architecture import check_exit_layer
+
+        check_exit_layer(model, args.exit_layer)
+        head = pick_head(model, args.exit_layer, args.head, not args.no_trained_head)
+        out = export_edge_dir(model, tokenizer, args.model, args.exit_layer, args.out, args.precision, head, force=args.force)
+    manifest = EdgeDirManifest.read(out)
+    graphs = ", ".join(f"{precision} {sum(f.stat().st_size for f in (out / rel).iterdir()) / 1e6:.1f} MB" for precision, rel in manifest.graphs.items())
+    rule = "calibrated rule" if manifest.exit_rule else "max-prob rule"
+    print(f"{out}  (K={manifest.exit_layer}, {manifest.model_name}: {graphs}; head {manifest.head.get('kind')}, {rule}; "
+          f"run it with `offramp edge serve --edge {out} --cloud URL`)")
     return 0
 
 

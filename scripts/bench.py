@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_modes as bm  # noqa: E402
 import bench_report  # noqa: E402
-from offramp.edge.assemble import resolve_precision  # noqa: E402
+from offramp.edge.precision import resolve_precision  # noqa: E402
 from offramp.shared.exit_rule import DEFAULT_MAX_PROB_THRESHOLD  # noqa: E402
 from offramp.shared.tokens import stop_token_ids  # noqa: E402
 
@@ -57,7 +57,7 @@ class BenchConfig:
     thresholds: list[float] = field(default_factory=lambda: [0.95])
     codecs: list[str] = field(default_factory=lambda: ["int8o", "int8", "fp16", "fp32"])  # int8o: see shared/codecs.py
     codec_threshold: float | None = None  # where codecs, precisions and loops run (default: K0's calibrated, else 0.9)
-    # The first is the sweep's: fp32, because int8 edge graphs' layer-K states cost agreement (edge/assemble.py
+    # The first is the sweep's: fp32, because int8 edge graphs' layer-K states cost agreement (edge/precision.py
     # resolve_precision); the others run at K0 and the codec threshold. Edge-only runs the standalone int8 graph.
     edge_precisions: list[str] = field(default_factory=lambda: ["fp32", "int8"])
     # Decode loops (bench_modes.LOOPS) beside the plain one, at K0 and the codec threshold; lossless also at each of
@@ -109,7 +109,12 @@ class BenchConfig:
 
 
 class Edge:
-    """The bench process's edge: model, runtimes per K, exit rule, agreement judge."""
+    """The bench process's edge: the model (for the judge and the exports), edge directories per K, exit rules.
+
+    Every measured request runs through `offramp.edge.service.EdgeService`, built from an `EdgeConfig` exactly as
+    `offramp generate`, the daemon and the SDK build theirs (same graph, rule, stop ids, decode loop); the bench
+    only wraps the runtime and the link to time steps and round trips.
+    """
 
     def __init__(self, cfg: BenchConfig, model=None, tokenizer=None) -> None:
         import torch
@@ -122,22 +127,33 @@ class Edge:
         self.num_layers = self.model.config.num_hidden_layers
         self.hidden_size = self.model.config.hidden_size
         self.judge = bm.AgreementJudge(self.model)
-        # Where the cloud's completions endpoint stops too (offramp.shared.tokens), so both modes end alike.
-        self.stop_ids = list(stop_token_ids(self.tokenizer)) if hasattr(self.tokenizer, "get_vocab") else []
-        self._runtimes: dict[tuple[int, str], object] = {}
+        # Where the cloud's completions endpoint stops too (offramp.shared.tokens), as the edge service does.
+        self.stop_ids = list(stop_token_ids(self.tokenizer))
+        self._dirs: dict[int, Path] = {}
         self._setups: dict[int, object] = {}
         self.precision_used: dict[str, str] = {}
         self.exit_rule: dict[int, str] = {}
         self.calibrated: dict[int, float] = {}  # K -> the threshold `offramp calibrate` chose
         self.notes: list[str] = []  # what the report must say (e.g. no trained head: the final-norm rule measured)
 
-    def exit_setup(self, k: int):
-        """The trained exit head for K and its calibrated rule (`offramp train-exits` / `calibrate`, found the way
-        `offramp generate` finds them) unless `--heads none`; without them the final-norm head and max-prob."""
-        if k not in self._setups:
-            from offramp.edge.exit_setup import resolve_exit_setup
+    def edge_dir(self, k: int, precisions: tuple[str, ...] | None = None) -> Path:
+        """The edge directory for K (exported into the cache with the graphs the settings need, before any timing)."""
+        from offramp.models.edge_dir import ensure_edge_dir
 
-            setup = resolve_exit_setup(self.model, k, use_trained=self.cfg.heads != "none")
+        wanted = list(precisions or self.cfg.edge_precisions)
+        self._dirs[k], _ = ensure_edge_dir(self.cfg.model, k, wanted, use_trained=self.cfg.heads != "none",
+                                           loaded=(self.model, self.tokenizer), progress=False)
+        return self._dirs[k]
+
+    def exit_setup(self, k: int):
+        """The exit rule the edge directory for K carries (the trained head's calibration, found the way `offramp
+        generate` finds it) unless `--heads none`; without one the final-norm head and max-prob."""
+        if k not in self._setups:
+            from offramp.edge.exit_setup import UNTRAINED_HEAD, resolve_exit_setup
+            from offramp.shared.edge_dir import EdgeDirManifest
+
+            edge_dir = self._dirs.get(k) or self.edge_dir(k)
+            setup = resolve_exit_setup(edge_dir, EdgeDirManifest.read(edge_dir))
             self._setups[k] = setup
             d = setup.describe()
             self.exit_rule[k] = f"{d['head']}, {d['rule']} rule, threshold {d['threshold']:.4g} ({d['threshold_source']})"
@@ -146,7 +162,7 @@ class Edge:
             elif self.cfg.heads != "none":
                 self.notes.append(f"K={k}: no calibrated trained exit head under {self._artifacts(k)}; "
                                   "the final-norm head with max-prob is measured instead (run offramp train-exits and calibrate)"
-                                  if setup.head_dir is None else f"K={k}: trained head {setup.head_dir} is not calibrated")
+                                  if setup.head == UNTRAINED_HEAD else f"K={k}: trained head {setup.head} is not calibrated")
                 print(f"[bench] note: {self.notes[-1]}", flush=True)
         return self._setups[k]
 
@@ -156,38 +172,24 @@ class Edge:
 
         return artifacts_dir(model_fingerprint(self.model), k)
 
-    def head_dir(self, k: int) -> Path | None:
-        return self.exit_setup(k).head_dir
+    def open_service(self, setting: bm.Setting, cloud: str, record: bool = False):
+        """The edge service for one setting: `cloud` is 'none', 'local' or the ws:// URL of the emulated link.
 
-    def runtime(self, k: int, precision: str | None = None):
-        """The edge runtime for K: the ONNX graph at `precision` (one intra-op thread), else PyTorch."""
-        precision = precision or self.cfg.edge_precisions[0]
-        if (k, precision) not in self._runtimes:
-            head_dir = self.head_dir(k)
-            used = precision
-            try:
-                rt = self._build(k, precision, head_dir)
-            except Exception as exc:  # e.g. ONNX export unavailable: say so, measure with PyTorch
-                print(f"[bench] edge precision {precision} at K={k} unavailable ({type(exc).__name__}: {exc}); using torch")
-                used = "torch"
-                rt = self._build(k, used, head_dir)
-            self._runtimes[(k, precision)] = rt
-            self.precision_used[f"K{k}/{precision}"] = used + ("" if head_dir is None else f" + trained head {head_dir}")
-        return self._runtimes[(k, precision)]
+        One intra-op thread and one worker, so edge steps cost what they cost in the other modes; the ONNX session
+        of a graph is shared by every setting that runs it (offramp.edge.onnx_runtime)."""
+        from offramp.edge.config import EdgeConfig
+        from offramp.edge.service import EdgeService
 
-    def _build(self, k: int, precision: str, head_dir: Path | None):
-        if precision == "torch":  # carries the edge identity the WebSocket hello needs, like an ONNX manifest
-            from offramp.edge.assemble import build_edge_runtime
-
-            return build_edge_runtime(self.model, k, "torch", self.cfg.model, head_dir=head_dir)
-        from offramp.edge.onnx_runtime import OnnxEdgeRuntime, ensure_edge_graph
-
-        graph = ensure_edge_graph(self.cfg.model, k, precision, head_dir=head_dir, model=self.model, progress=False)
-        return OnnxEdgeRuntime(graph, intra_op_threads=1)
-
-    def confidence(self, k: int) -> bm.Confidence:
-        """The exit rule's confidence for K (calibrated logistic router, or max-prob)."""
-        return self.exit_setup(k).rule.confidence
+        config = EdgeConfig(
+            edge=self._dirs.get(setting.exit_layer) or self.edge_dir(setting.exit_layer), precision=setting.edge_precision,
+            cloud=cloud, codec=setting.codec if cloud != "none" else "fp32", threshold=setting.threshold, max_sessions=1,
+            workers=1, edge_threads=1, catch_up=setting.catch_up, lossless=setting.lossless, max_draft=setting.depth,
+        )
+        service = EdgeService.open(config, loaded=(self.model, self.tokenizer), wrap_runtime=bm.TimedRuntime,
+                                   wrap_link=lambda link: bm.CountingLink(link, record=record))
+        head = self.exit_setup(setting.exit_layer).head
+        self.precision_used[f"K{setting.exit_layer}/{setting.edge_precision}"] = f"{service.precision} ({head})"
+        return service
 
     def judge_result(self, prompt: bm.BenchPrompt, result: bm.RequestResult, max_new_tokens: int) -> None:
         """Teacher-forced agreement and exact match against the full model."""
@@ -201,7 +203,7 @@ class Edge:
 
 
 class InProcessBackend:
-    """No network: cloud-only runs the full model here, collaborative uses LocalCloudLink."""
+    """No network: cloud-only runs the full model here, collaborative runs `--cloud local` (offramp.cloud.local_link)."""
 
     name = "inprocess"
 
@@ -223,10 +225,8 @@ class InProcessBackend:
     async def cloud_only(self, prompt: bm.BenchPrompt, n: int) -> bm.RequestResult:
         return bm.run_cloud_only_inprocess(self.edge.model, prompt, n, self.edge.stop_ids)
 
-    async def open_link(self, k: int, codec: str, precision: str):
-        from offramp.edge.assemble import build_local_link
-
-        return build_local_link(self.edge.model, k, codec)
+    def cloud_url(self, k: int) -> str:
+        return "local"
 
     async def close(self) -> None: ...
 
@@ -278,12 +278,18 @@ class ServedBackend:
         url = f"http://127.0.0.1:{self.links[self.base_k].port}/v1/completions"
         return await bm.run_cloud_only_http(self._http, url, prompt, n, self.edge.num_layers)
 
-    async def open_link(self, k: int, codec: str, precision: str):
-        from offramp.edge.ws_link import WebSocketCloudLink
+    def cloud_url(self, k: int) -> str:
+        return f"ws://127.0.0.1:{self.links[k].port}"
 
-        runtime = self.edge.runtime(k, precision)
-        return WebSocketCloudLink(f"ws://127.0.0.1:{self.links[k].port}", codec=codec,
-                                  manifest=getattr(runtime, "manifest", None))
+    async def open_link(self, k: int, codec: str, precision: str):
+        """A bare link for replayed clients (recorded traces, no decode loop: see run_clients)."""
+        from offramp.edge.ws_link import WebSocketCloudLink
+        from offramp.shared.edge_dir import EdgeDirManifest
+        from offramp.shared.edge_manifest import read_manifest
+
+        edge_dir = self.edge.edge_dir(k)
+        graph = edge_dir / EdgeDirManifest.read(edge_dir).graphs[precision]
+        return WebSocketCloudLink(self.cloud_url(k), codec=codec, manifest=read_manifest(graph))
 
     async def close(self) -> None:
         if self._http is not None:
@@ -307,28 +313,27 @@ class ModeRunner:
         self.backend, self.edge, self.cfg = backend, edge, cfg
         self.profile, self.mode, self.setting = profile, mode, setting
         self.traces = traces
+        self.service = None  # the edge service of this setting (offramp.edge.service.EdgeService)
         self.link: bm.CountingLink | None = None
         self.results: list[bm.RequestResult] = []
 
     async def open(self) -> None:
-        if self.mode == "collaborative":
-            link = await self.backend.open_link(self.setting.exit_layer, self.setting.codec, self.setting.edge_precision)
-            self.link = bm.CountingLink(link, record=self.traces is not None)
+        if self.mode in ("collaborative", "edge-only"):
+            cloud = self.backend.cloud_url(self.setting.exit_layer) if self.mode == "collaborative" else "none"
+            self.service = await asyncio.to_thread(self.edge.open_service, self.setting, cloud, self.traces is not None)
+            self.link = self.service.link
 
     async def close(self) -> None:
-        if self.link is not None:
-            await self.link.aclose()
-            self.link = None
+        if self.service is not None:
+            await self.service.aclose()
+            self.service, self.link = None, None
 
     async def _request(self, prompt: bm.BenchPrompt, n: int) -> bm.RequestResult:
         if self.mode == "cloud-only":
             return await self.backend.cloud_only(prompt, n)
-        runtime = self.edge.runtime(self.setting.exit_layer, self.setting.edge_precision)
         if self.link is not None:
             self.link.mark()
-        options = self.setting.decode_options(n, self.edge.stop_ids)
-        result = await bm.run_collaborative(runtime, self.link, self.edge.num_layers, prompt, options,
-                                            self.edge.confidence(runtime.exit_layer))
+        result = await bm.run_request(self.service, prompt, n)
         if self.link is not None and self.traces is not None:
             self.traces[prompt.prompt_id] = (list(self.link.trace), time.perf_counter() - self.link._last, result.tokens, result.latency_s)
         return result
@@ -503,9 +508,9 @@ def _torch_step(edge: Edge, cfg: BenchConfig) -> dict:
 
     rows = []
     for k in cfg.exit_layers[:1]:
-        from offramp.edge.assemble import build_edge_runtime
+        from offramp.models.reference_runtime import reference_runtime
 
-        rt = build_edge_runtime(edge.model, k, "torch", cfg.model)
+        rt = reference_runtime(edge.model, k)
         rt.run(list(range(1, 65)))
         times = []
         for i in range(30 if not cfg.quick else 10):
@@ -557,11 +562,11 @@ async def run_bench(cfg: BenchConfig, out: Path) -> dict:
             edge.exit_setup(k)
         grid = cfg.collaborative_settings(edge.calibrated)
         print(f"[bench] {len(grid)} collaborative settings on {cfg.grid_profile}", flush=True)
-        # Edge-only runs what a lone edge would: the int8 graph (the PyTorch runtime when that is the sweep's).
-        standalone = "torch" if cfg.edge_precisions[0] == "torch" else resolve_precision("auto", "none")
+        # Edge-only runs what a lone edge would: the int8 graph (`--edge-precision auto` without a cloud).
+        standalone = resolve_precision("auto", "none")
         alone = [bm.Setting(k, 0.0, "none", standalone) for k in cfg.exit_layers]  # no link: every token exits
-        for s in grid + alone:
-            edge.runtime(s.exit_layer, s.edge_precision)  # build (and export) every edge runtime before any timing
+        for k in cfg.exit_layers:  # export every graph the settings need before any timing
+            edge.edge_dir(k, tuple(dict.fromkeys([s.edge_precision for s in grid + alone if s.exit_layer == k])))
         mark("edge runtimes")
         edge_only = [await run_mode(backend, edge, cfg, prompts, "none", "edge-only", s) for s in alone]
         mark("edge-only")

@@ -64,8 +64,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    from offramp.edge.onnx_runtime import OnnxEdgeRuntime, default_threads, ensure_edge_graph
-    from offramp.edge.torch_runtime import TorchEdgeRuntime
+    from offramp.edge.onnx_runtime import OnnxEdgeRuntime, default_threads
+    from offramp.models.edge_dir import ensure_edge_graph
+    from offramp.models.reference_runtime import TorchEdgeRuntime
     from offramp.models import load_model
     from offramp.shared.edge_manifest import GRAPH_FILE
     from offramp.models.split import EdgePart

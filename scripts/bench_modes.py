@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from offramp.edge.decode_loop import CollaborativeDecoder, Confidence, DecodeOptions, max_prob_confidence
+from offramp.edge.decode_loop import DecodeOptions
 from offramp.edge.link import CloudLink
 from offramp.edge.runtime import EdgeRuntime
 from offramp.shared.codecs import get_codec
@@ -81,9 +81,11 @@ def held_out_prompts(tokenizer, count: int) -> tuple[list[BenchPrompt], str]:
         if encode_prompt is not None:
             ids = encode_prompt(tokenizer, source, text)
         else:
-            from offramp.edge.cli import encode_prompt as encode
-
-            ids = encode(tokenizer, text, source == "chat")
+            if source == "chat":
+                ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+                ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+            else:
+                ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         prompts.append(BenchPrompt(doc_id, source, text, tuple(int(t) for t in ids)))
     return prompts, origin
 
@@ -162,10 +164,14 @@ class Setting:
     def key(self) -> str:
         return f"K{self.exit_layer}/t{self.threshold:g}/{self.codec}/{self.edge_precision}/{self.loop}"
 
+    @property
+    def depth(self) -> int:
+        """Drafts ahead of the last final token: lossless's cap, or draft-ahead's (plain: one draft at a time)."""
+        return self.max_draft if self.lossless else max(1, self.draft_ahead)
+
     def decode_options(self, max_new_tokens: int, stop_ids: Sequence[int]) -> DecodeOptions:
-        depth = self.max_draft if self.lossless else max(1, self.draft_ahead)  # plain: one draft at a time
         return DecodeOptions(max_new_tokens=max_new_tokens, threshold=self.threshold, stop_ids=list(stop_ids),
-                             catch_up=self.catch_up, lossless=self.lossless, max_draft=depth)
+                             catch_up=self.catch_up, lossless=self.lossless, max_draft=self.depth)
 
 
 # --------------------------------------------------------------------------------------------------- one request
@@ -185,7 +191,7 @@ class RequestResult:
     rejected_drafts: int = 0  # lossless: drafts the full model disagreed with (or that followed one)
     cloud_layer_tokens: int = 0
     full_layer_tokens: int = 0
-    payload_up: int = 0  # what the link counted (codec payloads); wire bytes come from the proxy
+    payload_up: int = 0  # the request's frame bytes, as the link counted them (LinkStats); wire bytes come from the proxy
     payload_down: int = 0
     positions_uploaded: int = 0
     round_trips: int = 0
@@ -251,51 +257,43 @@ class CountingLink:
         self._last = time.perf_counter()
         self.trace, self.rtt_s = [], []
 
-    async def open_session(self, session_id: str) -> None:
-        await self.inner.open_session(session_id)
+    async def open_session(self, session_id: str, stats=None) -> None:
+        await self.inner.open_session(session_id, stats=stats)
         self._last = time.perf_counter()
 
-    async def extend(self, request):
+    async def extend(self, request, stats=None):
         gap = time.perf_counter() - self._last
         if self.record:
             self.trace.append((gap, request.start, np.array(request.hidden, copy=True), bool(request.want_token)))
         t = time.perf_counter()
         try:
-            return await self.inner.extend(request)
+            return await self.inner.extend(request, stats=stats)
         finally:
             self.positions += len(request.hidden)
             self.calls += 1
             self._last = time.perf_counter()
             self.rtt_s.append(self._last - t)
 
-    async def close_session(self, session_id: str) -> None:
-        await self.inner.close_session(session_id)
+    async def close_session(self, session_id: str, stats=None) -> None:
+        await self.inner.close_session(session_id, stats=stats)
 
     async def aclose(self) -> None:
         await self.inner.aclose()
 
 
-async def run_collaborative(
-    runtime: EdgeRuntime,
-    link: CloudLink | None,
-    total_layers: int,
-    prompt: BenchPrompt,
-    options: DecodeOptions,
-    confidence: Confidence = max_prob_confidence,
-) -> RequestResult:
-    """One generation with the real decode loop; `link=None` is edge-only."""
-    counting = CountingLink(link) if link is not None and not isinstance(link, CountingLink) else link
-    timed = TimedRuntime(runtime)
-    decoder = CollaborativeDecoder(timed, counting, total_layers, confidence)
+async def run_request(service, prompt: BenchPrompt, max_new_tokens: int) -> RequestResult:
+    """One generation through the edge service (`offramp.edge.service.EdgeService`, opened with `TimedRuntime` and
+    `CountingLink` wrappers), as the daemon and the SDK run it; a service without a cloud is edge-only."""
+    from offramp.edge.text_stream import TextRequest
+
+    counting = service.link if isinstance(service.link, CountingLink) else None
     before = (counting.positions, counting.calls, len(counting.rtt_s)) if counting is not None else (0, 0, 0)
+    stream = service.generate(TextRequest(list(prompt.input_ids), max_new_tokens))
     started = time.perf_counter()
-    tokens: list[int] = []
-    sources: list[str] = []
-    async for event in decoder.stream(list(prompt.input_ids), options):
-        tokens.append(event.token_id)
-        sources.append(event.source)
+    done = await stream.collect()
     latency = time.perf_counter() - started
-    s = decoder.stats
+    timed = stream.decoder.runtime
+    tokens, sources, s = done.token_ids, done.sources, done.stats
     after = (counting.positions, counting.calls) if counting is not None else (0, 0)
     timeline = {
         "sources": sources,

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """The offramp SDK in three ways: a running daemon (sync and async), and in-process without a daemon.
 
-    offramp edge serve --cloud local --edge-precision torch &      # in another shell (or --cloud none / ws://...)
+    offramp edge serve --cloud local &                             # in another shell (or --cloud none / ws://...)
     .venv/bin/python scripts/example_sdk.py --url http://127.0.0.1:8710
     .venv/bin/python scripts/example_sdk.py --local                # no daemon: the edge runs in this process
+    .venv/bin/python scripts/example_sdk.py --local --edge DIR     # ... from an exported edge directory
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def with_daemon(url: str, token: str | None, prompt: str, max_tokens: int) -> No
     asyncio.run(run_async())
 
 
-def in_process(cloud: str, prompt: str, max_tokens: int) -> None:
-    with LocalEngine(cloud=cloud, precision="torch") as engine:
+def in_process(cloud: str, edge: str | None, prompt: str, max_tokens: int) -> None:
+    with LocalEngine(edge=edge, cloud=cloud) as engine:
         done = engine.generate(prompt, chat=True, max_tokens=max_tokens)
         print(done.text, "\n", summary(done), sep="")
         for piece in engine.stream("Write a haiku about rain.", chat=True, max_tokens=max_tokens):
@@ -60,11 +61,12 @@ def main() -> None:
     parser.add_argument("--token", default=None, help="bearer token, if the daemon was started with --token-file")
     parser.add_argument("--local", action="store_true", help="no daemon: embed the edge in this process")
     parser.add_argument("--cloud", default="local", help="with --local: none | local | ws://HOST:PORT")
+    parser.add_argument("--edge", default=None, help="with --local: an exported edge directory (default: export the default model)")
     parser.add_argument("--prompt", default="What is gravity?")
     parser.add_argument("--max-tokens", type=int, default=48)
     args = parser.parse_args()
     if args.local:
-        in_process(args.cloud, args.prompt, args.max_tokens)
+        in_process(args.cloud, args.edge, args.prompt, args.max_tokens)
     else:
         with_daemon(args.url, args.token, args.prompt, args.max_tokens)
 

@@ -27,7 +27,7 @@ import torch
 
 from bench_procs import cpu_seconds
 from offramp.edge.decode_loop import CLOUD, EDGE, FALLBACK, CollaborativeDecoder, DecodeOptions
-from offramp.edge.torch_runtime import TorchEdgeRuntime
+from offramp.models.reference_runtime import TorchEdgeRuntime
 from offramp.edge.ws_link import WebSocketCloudLink
 from offramp.models.fingerprint import edge_identity
 from offramp.models.split import EdgePart
@@ -219,7 +219,7 @@ async def _session(index: int, config: LoadConfig, model: Any, report: LoadRepor
                               client_name=f"load-{index}")
     runtime = TorchEdgeRuntime(EdgePart(model, config.exit_layer), manifest)
     decoder = CollaborativeDecoder(runtime, link, model.config.num_hidden_layers, confidence=alternating())
-    options = DecodeOptions(config.max_new_tokens, threshold=0.5, catch_up="eager")
+    options = DecodeOptions(config.max_new_tokens, threshold=0.5, catch_up="eager", lossless=False, max_draft=1)
     vocab = int(model.config.vocab_size)
     try:
         for n in itertools.count():

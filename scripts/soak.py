@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=d.timeout_s, help="the edges' cloud timeout; a later answer is an error")
     p.add_argument("--warmup", type=float, default=d.warmup_s, help="seconds before the RSS baseline is taken")
     p.add_argument("--verify-every", type=int, default=d.verify_every, help="teacher-force every n-th request (0: never)")
-    p.add_argument("--token-file", type=Path, default=None, help="the cloud's bearer token")
+    p.add_argument("--cloud-token-file", type=Path, default=None, help="the cloud's bearer token (else $OFFRAMP_CLOUD_TOKEN, else $OFFRAMP_TOKEN)")
     p.add_argument("--log", type=Path, default=None, help="the started cloud's log (default: a temp file)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     return p
@@ -65,12 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench_procs import CloudServer
-    from offramp.shared.auth import read_token_file
+    from offramp.edge.config import cloud_token
 
     args = build_parser().parse_args(argv)
     torch.set_num_threads(1)  # 2 shared cores: the cloud has the other one
     exit_layer = args.exit_layer if args.exit_layer is not None else (TINY_EXIT_LAYER if args.model == TINY else 15)
-    token = read_token_file(args.token_file) if args.token_file else None
+    token = cloud_token(args.cloud_token_file)
     with tempfile.TemporaryDirectory(prefix="offramp-soak-") as tmp:
         spec, model = load_edge_model(args.model, Path(tmp))
         server = None

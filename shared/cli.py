@@ -13,6 +13,9 @@ from offramp.shared.version import __version__
 
 # Each module exposes `register(subparsers)`; a subcommand sets `func(args) -> int` as its default.
 SUBCOMMAND_MODULES = ("offramp.models.cli", "offramp.edge.cli", "offramp.cloud.cli")
+# The parts an edge-only install (`pip install offramp`, no torch) lacks, and the subcommands each would add.
+CLOUD_EXTRA_MODULES = frozenset({"torch", "transformers", "safetensors", "gguf", "accelerate", "onnx", "onnxscript", "matplotlib"})
+NEEDS_CLOUD_EXTRA = {"offramp.models.cli": ("export", "train-exits", "calibrate", "eval"), "offramp.cloud.cli": ("cloud",)}
 
 C = TypeVar("C")
 
@@ -35,12 +38,27 @@ def build_parser() -> argparse.ArgumentParser:
     for name in SUBCOMMAND_MODULES:
         try:
             module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # that part is not built yet
-                continue
-            raise
+        except ImportError as exc:
+            if name not in NEEDS_CLOUD_EXTRA:
+                raise
+            _register_missing(subparsers, name, exc)  # an edge-only install: say what to install, do not crash
+            continue
         module.register(subparsers)
     return parser
+
+
+def _register_missing(subparsers: argparse._SubParsersAction, module: str, exc: ImportError) -> None:
+    """Subcommands of a part this install lacks (torch, transformers: the cloud extra), each failing clearly."""
+    missing = exc.name or "the cloud packages"
+
+    def refuse(args: argparse.Namespace) -> int:
+        raise OfframpError(f"`offramp {args.command}` needs {missing}, which this install lacks: pip install 'offramp[cloud]' "
+                           "(an edge device runs `offramp edge serve --edge DIR` without it)")
+
+    for command in NEEDS_CLOUD_EXTRA[module]:
+        p = subparsers.add_parser(command, help=f"(needs the cloud extra: {missing} is not installed)", add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=refuse)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     except OfframpError as exc:
         print(f"offramp: error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in CLOUD_EXTRA_MODULES:
+            print(f"offramp: error: `offramp {args.command}` needs {exc.name}, which this install lacks: "
+                  "pip install 'offramp[cloud]'", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         return 130
 

@@ -109,3 +109,34 @@ def decided_tokens(request: ExtendRequest, result: DeepResult) -> list[int]:
     if result.token is not None:
         out.append(int(result.token))
     return out
+
+
+def extend_frame(request_id: int, request: ExtendRequest, payload: bytes) -> p.Extend:
+    """The wire form of a request (its hidden states already encoded by the session's codec)."""
+    q_ids = q_probs = b""
+    support = 0
+    if request.draft_q is not None and request.drafts and not request.sampling.greedy:
+        support = max(len(q.ids) for q in request.draft_q)
+        ids = np.zeros((len(request.drafts), support), dtype="<i4")
+        probs = np.zeros((len(request.drafts), support), dtype="<f4")
+        for row, q in enumerate(request.draft_q):
+            ids[row, : len(q.ids)] = q.ids
+            probs[row, : len(q.ids)] = q.probs
+        q_ids, q_probs = ids.tobytes(), probs.tobytes()
+    return p.Extend(
+        request_id, request.session_id, int(request.epoch), int(request.start), request.rows, payload,
+        bool(request.want_token), [int(d) for d in request.drafts], support, q_ids, q_probs,
+        float(request.sampling.temperature), float(request.sampling.top_p), int(request.seed),
+        int(request.top_logprobs), bool(request.rebase),
+    )
+
+
+def result_frame(request_id: int, session_id: str, result: DeepResult) -> p.Result:
+    return p.Result(request_id, session_id, result.epoch, result.start, list(result.predicted), list(result.logprobs),
+                    result.accepted, result.token, result.length, list(result.token_logprobs), list(result.top_ids),
+                    list(result.top_logprobs))
+
+
+def from_result_frame(frame: p.Result) -> DeepResult:
+    return DeepResult(frame.start, frame.predicted, frame.logprobs, frame.token, frame.length, frame.accepted, frame.epoch,
+                      frame.token_logprobs, frame.top_ids, frame.top_logprobs)

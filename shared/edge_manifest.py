@@ -25,20 +25,26 @@ def io_names(exit_layer: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "position_ids"] + [f"past_{n}" for n in kv], ["exit_logits", "hidden"] + [f"present_{n}" for n in kv]
 
 
+def read_format_json(path: Path, fmt: str, version: int, what: str) -> dict:
+    """A JSON object whose `format` is `fmt` at `format_version` `version`; ArtifactError (naming the file and `what`
+    to export again) for anything else. The one reader of offramp's manifests (edge graph, edge directory)."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc}); re-export the {what}") from exc
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise ArtifactError(f"{path} is not an offramp {what} manifest (format {data.get('format') if isinstance(data, dict) else None!r})")
+    if data.get("format_version") != version:
+        raise ArtifactError(f"{path} has format_version {data.get('format_version')!r}; this offramp reads {version}")
+    return data
+
+
 def read_manifest(graph_dir: Path | str) -> dict:
     """The parsed manifest of an exported graph dir; ArtifactError if it is missing or not ours."""
     path = Path(graph_dir) / MANIFEST_FILE
     if not path.is_file():
         raise ArtifactError(f"no {MANIFEST_FILE} in {graph_dir}: not an exported edge graph (run `offramp export`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path} is not valid JSON ({exc}); re-export the edge graph") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ArtifactError(f"{path} is not an offramp edge-graph manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
-    if manifest.get("format_version") != MANIFEST_FORMAT_VERSION:
-        raise ArtifactError(f"{path} has format_version {manifest.get('format_version')!r}; this offramp reads {MANIFEST_FORMAT_VERSION}")
-    return manifest
+    return read_format_json(path, MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION, "edge graph")
 
 
 def check_manifest(

@@ -19,3 +19,7 @@ class SplitConfigError(OfframpError, ValueError):
 
 class ArtifactError(OfframpError, ValueError):
     """An exported edge graph or trained head that is missing, corrupt or for another model."""
+
+
+class ContextLengthError(OfframpError, ValueError):
+    """A sequence longer than the model's context window (edge runtimes raise it; both the ONNX and the reference)."""

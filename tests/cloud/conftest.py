@@ -11,7 +11,7 @@ from aiohttp import web
 from offramp.cloud.auth import BearerAuth
 from offramp.cloud.config import CloudConfig
 from offramp.cloud.server import CloudState, make_app
-from offramp.edge.torch_runtime import TorchEdgeRuntime
+from offramp.models.reference_runtime import TorchEdgeRuntime
 from offramp.edge.ws_link import WebSocketCloudLink
 from offramp.models.fingerprint import model_fingerprint
 from offramp.models.split import EdgePart

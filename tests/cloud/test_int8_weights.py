@@ -10,7 +10,7 @@ import torch
 
 from offramp.cloud.int8_weights import Int8WeightsError, quantize_linear_layers, weight_bytes
 from offramp.edge.decode_loop import CLOUD, CollaborativeDecoder, DecodeOptions
-from offramp.edge.torch_runtime import TorchEdgeRuntime
+from offramp.models.reference_runtime import TorchEdgeRuntime
 from offramp.models.split import CloudPart, EdgePart
 from tests.cloud.conftest import K, LAYERS, running_cloud
 from tests.conftest import make_tiny_llama

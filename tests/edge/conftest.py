@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from offramp.edge.config import EdgeConfig
 from offramp.edge.daemon import DaemonConfig, make_app
-from offramp.edge.sessions import EdgeService, EngineConfig
+from offramp.edge.service import EdgeService
 
 REQUEST_TIMEOUT = 60.0  # every HTTP call in these tests; a hung daemon fails the test instead of stalling CI
 
@@ -89,19 +90,29 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05) -> bool
 
 
 @pytest.fixture(scope="session")
-def standalone_service(default_model):
-    model, tokenizer = default_model
-    service = EdgeService(model, tokenizer, EngineConfig(cloud="none", precision="torch", max_sessions=4, workers=2))
+def default_edge_dir(default_model) -> Path:
+    """The default model's edge directory at K=15 (fp32 graph, untrained head), exported once into the cache."""
+    from offramp.models.edge_dir import ensure_edge_dir
+
+    return ensure_edge_dir("default", 15, ["fp32"], use_trained=False, loaded=default_model, progress=False)[0]
+
+
+def open_service(edge_dir: Path, loaded=None, **fields) -> EdgeService:
+    """An EdgeService on an exported edge directory (fp32 graph unless told otherwise)."""
+    return EdgeService.open(EdgeConfig(edge=edge_dir, precision=fields.pop("precision", "fp32"), **fields), loaded=loaded)
+
+
+@pytest.fixture(scope="session")
+def standalone_service(default_edge_dir):
+    service = open_service(default_edge_dir, cloud="none", max_sessions=4, workers=2)
     yield service
     asyncio.run(service.aclose())
 
 
 @pytest.fixture(scope="session")
-def collab_service(default_model):
+def collab_service(default_edge_dir, default_model):
     """--cloud local with fp32 hidden states and a threshold nothing reaches: every token is the full model's."""
-    model, tokenizer = default_model
-    config = EngineConfig(cloud="local", precision="torch", codec="fp32", threshold=2.0, max_sessions=4, workers=2)
-    service = EdgeService(model, tokenizer, config)
+    service = open_service(default_edge_dir, default_model, cloud="local", codec="fp32", threshold=2.0, max_sessions=4, workers=2)
     yield service
     asyncio.run(service.aclose())
 
@@ -125,13 +136,16 @@ class DaemonProcess:
     """`offramp edge serve` as a subprocess; fields mirror the CLI flags. start() waits for /healthz."""
 
     cloud: str = "none"
+    edge: Path | None = None  # an exported edge dir (--edge); None: --model (default) --exit-layer, exported into the cache
     exit_layer: int = 15
     threshold: float = 0.9
-    edge_precision: str = "torch"
+    edge_precision: str = "fp32"
     codec: str = "fp16"
     host: str = "127.0.0.1"
     token_file: Path | None = None
     extra: list[str] = field(default_factory=list)
+    launcher: list[str] | None = None  # the `offramp` command (default: this venv's)
+    env: dict[str, str] | None = None  # the process environment (default: this one's)
     proc: subprocess.Popen | None = None
     port: int | None = None
     output: list[str] = field(default_factory=list)
@@ -142,16 +156,17 @@ class DaemonProcess:
 
     def start(self, timeout: float = 120.0) -> "DaemonProcess":
         script = Path(sys.executable).with_name("offramp")
-        launcher = [str(script)] if script.exists() else [sys.executable, "-m", "offramp.shared.cli"]
+        launcher = self.launcher or ([str(script)] if script.exists() else [sys.executable, "-m", "offramp.shared.cli"])
+        source = ["--edge", str(self.edge)] if self.edge is not None else ["--exit-layer", str(self.exit_layer)]
         cmd = [
-            *launcher, "edge", "serve",
-            "--cloud", self.cloud, "--exit-layer", str(self.exit_layer), "--threshold", str(self.threshold),
+            *launcher, "edge", "serve", *source,
+            "--cloud", self.cloud, "--threshold", str(self.threshold),
             "--edge-precision", self.edge_precision, "--codec", self.codec, "--host", self.host, "--port", "0",
             "--workers", "2", *self.extra,
         ]  # fmt: skip
         if self.token_file is not None:
             cmd += ["--token-file", str(self.token_file)]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(self.env if self.env is not None else os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         threading.Thread(target=self._drain, daemon=True).start()
         deadline = time.monotonic() + timeout

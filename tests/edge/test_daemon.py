@@ -7,17 +7,17 @@ import asyncio
 from http.client import HTTPConnection
 import json
 import threading
-import time
 
 import pytest
 
 from offramp.cloud.full_model import FullModelRunner
-from offramp.edge.assemble import build_local_link
-from offramp.edge.daemon import SERVICE, DaemonConfig, make_app
+from offramp.cloud.local_link import local_link
+from offramp.edge.config import EdgeConfig
+from offramp.edge.daemon import STATE, DaemonConfig, make_app
 from offramp.edge.decode_loop import CLOUD, FALLBACK
 from offramp.edge.link import CloudUnavailableError
-from offramp.edge.sessions import EdgeService, EngineConfig
-from tests.edge.conftest import REQUEST_TIMEOUT, ThreadedServer, http, sse_events, start_daemon, wait_until
+from offramp.edge.service import EdgeService
+from tests.edge.conftest import REQUEST_TIMEOUT, ThreadedServer, http, open_service, sse_events, start_daemon, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -78,7 +78,7 @@ def test_stream_format_ends_with_done_and_carries_stats(collab_daemon) -> None:
 
 
 def test_greedy_collaborative_is_bit_exact_with_the_full_model(collab_daemon, collab_service, default_model) -> None:
-    """threshold > 1, fp32 codec, torch edge: every token comes from the cloud and equals the reference."""
+    """threshold > 1, fp32 codec, fp32 edge graph: every token comes from the cloud and equals the reference."""
     model, tokenizer = default_model
     status, body = http("POST", collab_daemon.base_url + "/v1/chat/completions", chat_body(max_tokens=16))
     assert status == 200
@@ -147,55 +147,65 @@ def test_limits_and_unknown_routes_are_openai_errors(standalone_daemon) -> None:
     assert status == 200 and answer["usage"]["completion_tokens"] >= 1
 
 
-def test_bearer_token_is_required_except_for_healthz(standalone_service, tmp_path) -> None:
+def test_bearer_token_is_required_except_for_the_probes(standalone_service, tmp_path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("correct-horse\n")
     server = start_daemon(standalone_service, token_file=token_file)
+    closed = start_daemon(standalone_service, token_file=token_file, metrics_require_token=True)
     try:
         base = server.base_url
-        assert http("GET", base + "/healthz")[0] == 200
+        status, health = http("GET", base + "/healthz")
+        assert status == 200 and "correct-horse" not in json.dumps(health)
+        assert http("GET", base + "/metrics")[0] == 200  # Prometheus scrapes without a token
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic correct-horse"}):
             status, answer = http("GET", base + "/v1/models", headers=headers)
             assert status == 401 and answer["error"]["type"] == "authentication_error"
-            assert http("GET", base + "/metrics", headers=headers)[0] == 401
+            assert http("GET", closed.base_url + "/metrics", headers=headers)[0] == 401
+        assert http("GET", closed.base_url + "/healthz")[0] == 200
+        assert http("GET", closed.base_url + "/metrics", headers={"Authorization": "Bearer correct-horse"})[0] == 200
         assert http("GET", base + "/v1/models", headers={"Authorization": "Bearer correct-horse"})[0] == 200
         client = openai_client(server, api_key="correct-horse")
         done = client.completions.create(model="default", prompt="Hi", max_tokens=2, temperature=0)
         assert done.usage.completion_tokens >= 1
     finally:
         server.stop()
+        closed.stop()
 
 
-def _stream_chunk_times(base_url: str, body: dict, out: list, index: int) -> None:
+def _stream_chunks(base_url: str, body: dict, arrivals: list, lock: threading.Lock, index: int) -> None:
+    """Read one stream, noting each chunk's arrival in the shared order `arrivals` as (request, chunk number)."""
     conn = HTTPConnection("127.0.0.1", int(base_url.rsplit(":", 1)[1]), timeout=REQUEST_TIMEOUT)
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
     resp = conn.getresponse()
-    times = []
+    seen = 0
     for line in resp:
         if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
-            times.append(time.monotonic())
+            with lock:
+                arrivals.append((index, seen))
+            seen += 1
     conn.close()
-    out[index] = times
 
 
 def test_concurrent_requests_interleave(collab_daemon, collab_service) -> None:
     body = {"prompt": "List the planets of the solar system:", "max_tokens": 10, "temperature": 0, "stream": True}
-    results: list = [None] * 3
-    threads = [threading.Thread(target=_stream_chunk_times, args=(collab_daemon.base_url, body, results, i)) for i in range(3)]
+    arrivals: list = []
+    lock = threading.Lock()
+    threads = [threading.Thread(target=_stream_chunks, args=(collab_daemon.base_url, body, arrivals, lock, i)) for i in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=REQUEST_TIMEOUT * 2)
-    assert all(r for r in results), results
-    firsts, lasts = [r[0] for r in results], [r[-1] for r in results]
-    assert max(firsts) < min(lasts)  # every request had output before any finished: their decode steps interleaved
+    order = [i for i, _ in arrivals]
+    assert sorted(set(order)) == [0, 1, 2], arrivals
+    last_firsts = max(order.index(i) for i in range(3))
+    first_lasts = min(len(order) - 1 - order[::-1].index(i) for i in range(3))
+    assert last_firsts < first_lasts, arrivals  # every request had output before any finished: their decode steps interleaved
     assert wait_until(lambda: collab_service.pool.active == 0, timeout=10)
     assert len(collab_service.link.engine.contexts) == 0  # every cloud session was closed
 
 
-def test_too_many_sessions_is_429(default_model) -> None:
-    model, tokenizer = default_model
-    service = EdgeService(model, tokenizer, EngineConfig(cloud="none", max_sessions=1, workers=1))
+def test_too_many_sessions_is_429(default_edge_dir) -> None:
+    service = open_service(default_edge_dir, cloud="none", max_sessions=1, workers=1)
     server = start_daemon(service)
     try:
         conn = HTTPConnection("127.0.0.1", server.port, timeout=REQUEST_TIMEOUT)
@@ -212,9 +222,8 @@ def test_too_many_sessions_is_429(default_model) -> None:
         asyncio.run(service.aclose())
 
 
-def test_client_disconnect_mid_stream_frees_edge_and_cloud_sessions(default_model) -> None:
-    model, tokenizer = default_model
-    service = EdgeService(model, tokenizer, EngineConfig(cloud="local", codec="fp32", threshold=2.0, max_sessions=2, workers=2))
+def test_client_disconnect_mid_stream_frees_edge_and_cloud_sessions(default_edge_dir, default_model) -> None:
+    service = open_service(default_edge_dir, default_model, cloud="local", codec="fp32", threshold=2.0, max_sessions=2, workers=2)
     server = start_daemon(service)
     try:
         conn = HTTPConnection("127.0.0.1", server.port, timeout=REQUEST_TIMEOUT)
@@ -244,30 +253,31 @@ class FlakyLink:
     """The local cloud that answers `good` extends and then is unreachable."""
 
     def __init__(self, model, good: int) -> None:
-        self.inner = build_local_link(model, 15, "fp32")
+        self.inner = local_link(model, 15, "fp32")
         self.codec, self.deep_layers, self.stats = "fp32", self.inner.deep_layers, self.inner.stats
         self.good = good
 
-    async def open_session(self, sid):
-        await self.inner.open_session(sid)
+    async def open_session(self, sid, stats=None):
+        await self.inner.open_session(sid, stats)
 
-    async def extend(self, request):
+    async def extend(self, request, stats=None):
         if self.good <= 0:
             raise CloudUnavailableError("cloud unreachable (test)")
         self.good -= 1
-        return await self.inner.extend(request)
+        return await self.inner.extend(request, stats=stats)
 
-    async def close_session(self, sid):
-        await self.inner.close_session(sid)
+    async def close_session(self, sid, stats=None):
+        if self.good <= 0:  # still unreachable when the generation ends
+            raise CloudUnavailableError("cloud unreachable (test)")
+        await self.inner.close_session(sid, stats)
 
     async def aclose(self):
         await self.inner.aclose()
 
 
-def test_unreachable_cloud_completes_with_fallback_tokens_and_health_says_so(default_model) -> None:
-    model, tokenizer = default_model
-    link = FlakyLink(model, good=3)
-    service = EdgeService(model, tokenizer, EngineConfig(cloud="local", threshold=2.0, workers=2), link=link)
+def test_unreachable_cloud_completes_with_fallback_tokens_and_health_says_so(default_edge_dir, default_model) -> None:
+    link = FlakyLink(default_model[0], good=3)
+    service = EdgeService.open(EdgeConfig(edge=default_edge_dir, precision="fp32", cloud="local", threshold=2.0, workers=2), link=link)
     server = start_daemon(service)
     try:
         status, body = http("POST", server.base_url + "/v1/chat/completions", chat_body(max_tokens=8))
@@ -309,13 +319,54 @@ def test_health_and_metrics(collab_daemon) -> None:
     assert cloud_tokens and float(cloud_tokens[0].split()[-1]) > 0
 
 
-def test_app_loads_its_own_model_when_not_given_one() -> None:
-    """make_app(config) alone: the model is loaded at start-up and the service closed at cleanup."""
-    config = DaemonConfig(engine=EngineConfig(cloud="none", workers=1), port=0)
+def test_app_loads_its_own_edge_when_not_given_one(default_edge_dir) -> None:
+    """make_app(config) alone: the edge is loaded in the background and the service closed at cleanup."""
+    config = DaemonConfig(engine=EdgeConfig(edge=default_edge_dir, precision="fp32", cloud="none", workers=1), port=0)
     server = ThreadedServer(make_app(config))
     try:
+        assert wait_until(lambda: http("GET", server.base_url + "/healthz")[0] == 200, timeout=120)
         status, body = http("POST", server.base_url + "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
         assert status == 200 and body["offramp"]["mode"] == "edge-standalone"
     finally:
         server.stop()  # runs the app's cleanup, which closes the service it made
-    assert server.app[SERVICE].closed
+    assert server.app[STATE].service.closed
+
+
+def test_healthz_is_503_while_loading_and_draining(standalone_service) -> None:
+    """Readiness: 503 (and generation refused with 503) until the edge is built, 200 while serving, 503 draining."""
+    release = threading.Event()
+
+    def slow_build():
+        assert release.wait(REQUEST_TIMEOUT)
+        return standalone_service
+
+    config = DaemonConfig(engine=standalone_service.config, port=0)
+    server = ThreadedServer(make_app(config, build=slow_build, close_service=False))
+    try:
+        status, body = http("GET", server.base_url + "/healthz")
+        assert status == 503 and body["status"] == "loading" and "edge" not in body
+        status, answer = http("POST", server.base_url + "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
+        assert status == 503 and answer["error"]["code"] == "loading"
+        release.set()
+        assert wait_until(lambda: http("GET", server.base_url + "/healthz")[0] == 200, timeout=60)
+        assert http("POST", server.base_url + "/v1/completions", {"prompt": "Hi", "max_tokens": 2})[0] == 200
+        asyncio.run_coroutine_threadsafe(server.app.shutdown(), server.loop).result(timeout=30)  # what SIGTERM runs first
+        status, body = http("GET", server.base_url + "/healthz")
+        assert status == 503 and body["status"] == "draining"
+        assert http("POST", server.base_url + "/v1/completions", {"prompt": "Hi", "max_tokens": 2})[0] == 503
+    finally:
+        release.set()
+        server.stop()
+
+
+def test_a_failed_load_is_503_with_the_reason(standalone_service) -> None:
+    def broken_build():
+        raise CloudUnavailableError("no such edge (test)")
+
+    server = ThreadedServer(make_app(DaemonConfig(engine=standalone_service.config, port=0), build=broken_build))
+    try:
+        assert wait_until(lambda: http("GET", server.base_url + "/healthz")[1].get("status") == "failed", timeout=30)
+        status, body = http("GET", server.base_url + "/healthz")
+        assert status == 503 and "no such edge (test)" in body["error"]
+    finally:
+        server.stop()

@@ -29,9 +29,9 @@ def closed_port() -> int:
 
 
 @pytest.mark.parametrize("cloud, mode", [("none", "edge-standalone"), ("local", "collaborative")])
-def test_serve_process_answers_the_openai_package_and_exits_on_sigterm(cloud, mode) -> None:
+def test_serve_process_answers_the_openai_package_and_exits_on_sigterm(cloud, mode, default_edge_dir) -> None:
     openai = pytest.importorskip("openai")
-    daemon = DaemonProcess(cloud=cloud, threshold=2.0 if cloud == "local" else 0.9).start()
+    daemon = DaemonProcess(cloud=cloud, edge=default_edge_dir, threshold=2.0 if cloud == "local" else 0.9).start()
     try:
         client = openai.OpenAI(base_url=daemon.base_url + "/v1", api_key="unused", timeout=REQUEST_TIMEOUT, max_retries=0)
         stream = client.chat.completions.create(model="SmolLM2-135M-Instruct", stream=True, **CHAT)
@@ -56,8 +56,8 @@ def test_serve_process_answers_the_openai_package_and_exits_on_sigterm(cloud, mo
     assert rc == 0, "".join(daemon.output[-20:])
 
 
-def test_sigterm_drains_an_in_flight_request() -> None:
-    daemon = DaemonProcess(cloud="none").start()
+def test_sigterm_drains_an_in_flight_request(default_edge_dir) -> None:
+    daemon = DaemonProcess(cloud="none", edge=default_edge_dir).start()
     result: dict = {}
 
     def request() -> None:
@@ -73,14 +73,14 @@ def test_sigterm_drains_an_in_flight_request() -> None:
     assert rc == 0
 
 
-def test_public_bind_without_token_is_refused_and_with_token_requires_it(tmp_path) -> None:
+def test_public_bind_without_token_is_refused_and_with_token_requires_it(tmp_path, default_edge_dir) -> None:
     script = Path(sys.executable).with_name("offramp")
     launcher = [str(script)] if script.exists() else [sys.executable, "-m", "offramp.shared.cli"]
     refused = subprocess.run([*launcher, "edge", "serve", "--cloud", "none", "--host", "0.0.0.0"], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--token-file" in refused.stderr
     token = tmp_path / "token"
     token.write_text("tok-123\n")
-    daemon = DaemonProcess(cloud="none", host="0.0.0.0", token_file=token).start()
+    daemon = DaemonProcess(cloud="none", edge=default_edge_dir, host="0.0.0.0", token_file=token).start()
     try:
         assert http("GET", daemon.base_url + "/v1/models")[0] == 401
         assert http("GET", daemon.base_url + "/v1/models", headers={"Authorization": "Bearer tok-123"})[0] == 200
@@ -89,8 +89,8 @@ def test_public_bind_without_token_is_refused_and_with_token_requires_it(tmp_pat
         assert daemon.stop() == 0
 
 
-def test_cloud_on_a_closed_port_means_fallback_tokens_and_health_down() -> None:
-    daemon = DaemonProcess(cloud=f"ws://127.0.0.1:{closed_port()}", threshold=2.0).start()
+def test_cloud_on_a_closed_port_means_fallback_tokens_and_health_down(default_edge_dir) -> None:
+    daemon = DaemonProcess(cloud=f"ws://127.0.0.1:{closed_port()}", edge=default_edge_dir, threshold=2.0).start()
     try:
         started = time.monotonic()
         status, body = http("POST", daemon.base_url + "/v1/chat/completions", CHAT)
@@ -134,10 +134,10 @@ class CloudProcess:
             self.proc.wait(timeout=30)
 
 
-def test_ws_cloud_collaborates_then_falls_back_when_killed() -> None:
+def test_ws_cloud_collaborates_then_falls_back_when_killed(default_edge_dir) -> None:
     port = closed_port()
     cloud = CloudProcess(port)
-    daemon = DaemonProcess(cloud=f"ws://127.0.0.1:{port}", threshold=2.0, codec="fp32").start()
+    daemon = DaemonProcess(cloud=f"ws://127.0.0.1:{port}", edge=default_edge_dir, threshold=2.0, codec="fp32").start()
     try:
         assert cloud.proc.poll() is None, "".join(cloud.output[-30:])
         status, body = http("POST", daemon.base_url + "/v1/chat/completions", CHAT)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from offramp.edge.onnx_runtime import OnnxEdgeRuntime, ensure_edge_graph
-from offramp.edge.torch_runtime import TorchEdgeRuntime
+from offramp.edge.onnx_runtime import OnnxEdgeRuntime
+from offramp.models.edge_dir import ensure_edge_graph
+from offramp.models.reference_runtime import TorchEdgeRuntime
 from offramp.models.export import export_edge
 from offramp.models.split import EdgePart
 from offramp.shared.errors import ArtifactError

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from offramp.edge.daemon import DaemonConfig, DaemonConfigError, is_loopback
 from offramp.edge.openai_api import APIError, Limits, parse_chat, parse_completion, parse_json_body, resolve_max_tokens
-from offramp.edge.sessions import TextAssembler
+from offramp.edge.text import TextAssembler
 
 LIMITS = Limits(served_model="m", context_length=100, max_tokens_limit=50, default_max_tokens=16)
 VOCAB = 1000

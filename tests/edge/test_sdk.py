@@ -55,8 +55,8 @@ async def test_async_client_generates_and_streams(standalone_daemon) -> None:
         assert info.value.status == 400
 
 
-def test_local_engine_matches_the_daemon(default_model, standalone_daemon) -> None:
-    with LocalEngine(cloud="none", precision="torch", loaded=default_model) as engine:
+def test_local_engine_matches_the_daemon(default_edge_dir, standalone_daemon) -> None:
+    with LocalEngine(edge=default_edge_dir, cloud="none", precision="fp32") as engine:
         done = engine.generate(QUESTION, chat=True, max_tokens=8)
         remote = Client(standalone_daemon.base_url, timeout=REQUEST_TIMEOUT).generate(QUESTION, chat=True, max_tokens=8)
         assert done.token_ids == remote.token_ids and done.text == remote.text
@@ -67,8 +67,8 @@ def test_local_engine_matches_the_daemon(default_model, standalone_daemon) -> No
             engine.generate("word " * 9000)
 
 
-async def test_local_engine_async_with_in_process_cloud(default_model) -> None:
-    with LocalEngine(cloud="local", codec="fp32", threshold=2.0, loaded=default_model) as engine:
+async def test_local_engine_async_with_in_process_cloud(default_edge_dir, default_model) -> None:
+    with LocalEngine(edge=default_edge_dir, cloud="local", codec="fp32", threshold=2.0, loaded=default_model) as engine:
         stream = engine.astream(QUESTION, chat=True, max_tokens=6)
         pieces = [piece async for piece in stream]
         assert "".join(pieces) == stream.completion.text

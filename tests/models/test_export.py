@@ -86,13 +86,14 @@ def test_cli_export_end_to_end(tmp_path, capsys, default_model) -> None:
     checkpoint = tmp_path / "ckpt"
     make_tiny_llama(num_layers=4, seed=3).save_pretrained(checkpoint)
     default_model[1].save_pretrained(checkpoint)  # load_model wants a tokenizer beside the weights
-    out = tmp_path / "graph"
+    out = tmp_path / "edge"
     assert main(["export", "--model", str(checkpoint), "--exit-layer", "2", "--out", str(out), "--precision", "fp32"]) == 0
     assert str(out) in capsys.readouterr().out
-    manifest = check_manifest(out, exit_layer=2, precision="fp32")
-    mtime = (out / GRAPH_FILE).stat().st_mtime_ns
+    graph_dir = out / "graph-fp32"  # an edge directory (offramp.shared.edge_dir) holding the graph
+    manifest = check_manifest(graph_dir, exit_layer=2, precision="fp32")
+    mtime = (graph_dir / GRAPH_FILE).stat().st_mtime_ns
     assert main(["export", "--model", str(checkpoint), "--exit-layer", "2", "--out", str(out), "--precision", "fp32"]) == 0
-    assert (out / GRAPH_FILE).stat().st_mtime_ns == mtime, "a matching graph must not be re-exported"
+    assert (graph_dir / GRAPH_FILE).stat().st_mtime_ns == mtime, "a matching graph must not be re-exported"
     assert main(["export", "--model", str(checkpoint), "--exit-layer", "9", "--out", str(out)]) == 2
     assert "exit layer 9 is out of range" in capsys.readouterr().err
     assert manifest["head"]["kind"] == "final_norm"

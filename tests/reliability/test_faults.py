@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from offramp.edge.decode_loop import CLOUD, FALLBACK, CollaborativeDecoder, DecodeOptions
-from offramp.edge.torch_runtime import TorchEdgeRuntime
+from offramp.models.reference_runtime import TorchEdgeRuntime
 from offramp.edge.ws_link import WebSocketCloudLink
 from offramp.models.fingerprint import edge_identity
 from offramp.models.split import EdgePart
@@ -60,7 +60,7 @@ def control(link, action: str) -> None:
 def start_daemon(model_dir: Path, cloud_url: str, cloud_timeout_s: float) -> DaemonProcess:
     """`offramp edge serve` on the tiny checkpoint, escalating every token to `cloud_url`."""
     extra = ["--model", str(model_dir), "--cloud-timeout", str(cloud_timeout_s), "--no-trained-head"]
-    return DaemonProcess(cloud=cloud_url, exit_layer=K, threshold=2.0, codec="fp32", edge_precision="torch", extra=extra).start()
+    return DaemonProcess(cloud=cloud_url, exit_layer=K, threshold=2.0, codec="fp32", edge_precision="fp32", extra=extra).start()
 
 
 def complete(daemon: DaemonProcess, max_tokens: int) -> tuple[list[int], list[str]]:

@@ -34,7 +34,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from offramp.edge.torch_runtime import TorchEdgeRuntime
+from offramp.models.reference_runtime import TorchEdgeRuntime
 from offramp.models.split import EdgePart
 from offramp.shared import protocol as p
 from offramp.shared.codecs import CODECS, get_codec

@@ -25,7 +25,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from offramp.edge.sessions import EdgeService, EngineConfig
+from offramp.edge.config import EdgeConfig
+from offramp.edge.service import EdgeService
 from tests.conftest import save_tiny_checkpoint
 from tests.edge.conftest import http, sse_events, start_daemon
 from tests.reliability.fuzz_tally import fuzz_tally as tally_for
@@ -46,12 +47,15 @@ def fuzz_tally(pytestconfig: pytest.Config) -> Counter[str]:
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
     from offramp.models import load_model
+    from offramp.models.edge_dir import export_edge_dir
 
-    model, tokenizer = load_model(str(save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), num_layers=4, seed=7)))
+    checkpoint = save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), num_layers=4, seed=7)
+    model, tokenizer = load_model(str(checkpoint))
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-    service = EdgeService(model, tokenizer, EngineConfig(model="tiny", exit_layer=2, cloud="none", precision="torch", max_sessions=4,
-                                                         workers=1, trained_head=False))
-    server = start_daemon(service, max_tokens_limit=MAX_TOKENS_LIMIT, default_max_tokens=4, max_body_bytes=BODY_LIMIT)
+    edge_dir = export_edge_dir(model, tokenizer, str(checkpoint), 2, tmp_path_factory.mktemp("tiny-edge"), ["fp32"], None, progress=False)
+    service = EdgeService.open(EdgeConfig(edge=edge_dir, cloud="none", precision="fp32", max_sessions=4, workers=1))
+    server = start_daemon(service, max_tokens_limit=MAX_TOKENS_LIMIT, default_max_tokens=4, max_body_bytes=BODY_LIMIT,
+                          served_model_name="tiny")
     server.service = service
     yield server
     server.stop()

@@ -40,6 +40,7 @@ from offramp.edge.ws_link import WebSocketCloudLink
 from offramp.models import load_model
 from offramp.models.fingerprint import model_fingerprint
 from offramp.shared import protocol as p
+from offramp.shared.contract import ExtendRequest
 from offramp.shared.auth import read_token_file
 from offramp.shared.codecs import get_codec
 from offramp.shared.sampling import SamplingParams
@@ -59,7 +60,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def edge_runtime(model):
-    from offramp.edge.torch_runtime import TorchEdgeRuntime
+    from offramp.models.reference_runtime import TorchEdgeRuntime
     from offramp.models.split import EdgePart
 
     return lambda m=model: TorchEdgeRuntime(EdgePart(m, K))
@@ -164,13 +165,16 @@ async def test_tokens_never_reach_the_log_and_wrong_ones_are_401(tls_cloud, cert
     same_length = ALPHA[:-1] + ("x" if ALPHA[-1] != "x" else "y")
     async with aiohttp.ClientSession() as http:
         url = f"https://127.0.0.1:{tls_cloud.port}"
+        body = {"prompt": [1, 2], "max_tokens": 1}
         for header in (f"Bearer {same_length}", f"Bearer {ALPHA}extra", "Bearer a", f"Basic {ALPHA}", ALPHA, ""):
-            async with http.get(url + "/healthz", headers={"Authorization": header} if header else {}, ssl=tls) as resp:
+            async with http.post(url + "/v1/completions", json=body, headers={"Authorization": header} if header else {}, ssl=tls) as resp:
                 assert resp.status == 401, header
                 assert (await resp.json())["error"]["code"] == p.UNAUTHORIZED
         for token in (ALPHA, BETA):
-            async with http.get(url + "/healthz", headers={"Authorization": f"Bearer {token}"}, ssl=tls) as resp:
-                assert resp.status == 200 and (await resp.json())["auth"] is True
+            async with http.post(url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {token}"}, ssl=tls) as resp:
+                assert resp.status == 200
+        async with http.get(url + "/healthz", ssl=tls) as resp:  # the probe needs no token and shows none
+            assert resp.status == 200 and (await resp.json())["auth"] is True
         async with http.get(url + "/metrics", headers={"Authorization": f"Bearer {ALPHA}"}, ssl=tls) as resp:
             metrics = await resp.text()
     refused = [line for line in metrics.splitlines() if line.startswith('offramp_cloud_errors_total{code="unauthorized"}')]
@@ -274,7 +278,7 @@ async def test_another_client_cannot_touch_a_session(model) -> None:
     async with running_cloud(model, token=[ALPHA, BETA]) as cloud:
         a = cloud.link("fp32", token=ALPHA)
         await a.open_session("a-session")
-        held = await a.extend("a-session", 0, rows(5), False, SamplingParams(), 0.0)
+        held = await a.extend(ExtendRequest("a-session", 0, rows(5), want_token=False))
         assert held.length == 5
         http, b = await handshake(cloud, BETA)
         attempts = [p.Open(1, "a-session", "fp32"), p.Extend(2, "a-session", 0, 0, 0, want_token=False, payload=b""), p.Extend(3, "a-session", 0, 5, 1, want_token=False, payload=fp32.encode(rows(1, 9))),
@@ -286,10 +290,10 @@ async def test_another_client_cannot_touch_a_session(model) -> None:
             assert "another client" in reply.message
         await http.close()
         # A's session is intact: it continues from 5 exactly as a session nobody touched
-        continued = await a.extend("a-session", 5, rows(1, 1), True, SamplingParams(), 0.0)
+        continued = await a.extend(ExtendRequest("a-session", 5, rows(1, 1), want_token=True))
         await a.open_session("untouched")
-        await a.extend("untouched", 0, rows(5), False, SamplingParams(), 0.0)
-        untouched = await a.extend("untouched", 5, rows(1, 1), True, SamplingParams(), 0.0)
+        await a.extend(ExtendRequest("untouched", 0, rows(5), want_token=False))
+        untouched = await a.extend(ExtendRequest("untouched", 5, rows(1, 1), want_token=True))
         assert continued.length == untouched.length == 6
         assert (continued.token, continued.predicted) == (untouched.token, untouched.predicted)
         owners = {ctx.owner for ctx in cloud.state.contexts.sessions()}

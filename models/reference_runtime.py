@@ -1,22 +1,25 @@
-"""The PyTorch edge runtime: the reference the ONNX graph is checked against, and the fallback without ONNX."""
+"""The PyTorch reference of the edge graph: what the exported ONNX graph is checked against, token for token.
+
+It lives with the models (it needs torch); the edge itself runs only exported graphs (`offramp.edge.onnx_runtime`).
+Tests and benchmarks use it where the PyTorch forward is the point: exactness against `model.generate`, the
+edge-step micro-benchmark, the load driver's in-process edges.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 
 from offramp.edge.runtime import EdgeStep
+from offramp.models.fingerprint import edge_identity
 from offramp.models.decoder import KV
 from offramp.models.split import EdgePart
-from offramp.shared.errors import OfframpError
-
-
-class ContextLengthError(OfframpError, ValueError):
-    """A sequence longer than the model's context window."""
+from offramp.shared.errors import ContextLengthError
 
 
 class TorchEdgeRuntime:
-    """Runs an `EdgePart` step by step with a KV cache held as torch tensors."""
+    """Runs an `EdgePart` step by step with a KV cache held as torch tensors; implements `EdgeRuntime`."""
 
     def __init__(self, edge: EdgePart, manifest: dict | None = None) -> None:
         self.edge = edge.eval()
@@ -59,3 +62,9 @@ class TorchEdgeRuntime:
 
     def reset(self) -> None:
         self._past, self._length = None, 0
+
+
+def reference_runtime(model: nn.Module, exit_layer: int, head: nn.Module | None = None) -> TorchEdgeRuntime:
+    """The reference runtime for layers 0..K-1 of `model` plus `head` (default: final norm + LM head), carrying
+    the identity a WebSocket hello needs."""
+    return TorchEdgeRuntime(EdgePart(model, exit_layer, head), manifest=edge_identity(model, exit_layer))
