@@ -16,7 +16,7 @@ GRAPH_FILE = "edge.onnx"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "offramp-edge-graph"
 MANIFEST_FORMAT_VERSION = 1
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "q4")  # quantized ones: offramp.models.quantize.RECIPES
 
 
 def io_names(exit_layer: int) -> tuple[list[str], list[str]]:
