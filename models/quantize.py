@@ -117,12 +117,12 @@ RECIPES: dict[str, Recipe] = {
                    "8-bit weights and int8 activations everywhere"),
 }
 
-# What the shipped recipes were chosen from (scripts/bench_edge_step.py --candidates). `int8-v1` is the recipe
-# before this table: per-tensor int8 embedding/head via quantize_dynamic is approximated by gather8 here.
+# What the shipped recipes were chosen from (scripts/bench_edge_step.py --candidates; table in the module docstring).
 CANDIDATES: dict[str, Recipe] = {
     **RECIPES,
     "int8-b64": Recipe("int8-b64", ((EMBEDDING, GATHER8), (LAYERS, nbits(8, 64, 4)), (HEAD, nbits(8, 64, 4)))),
     "int8-keep-down": Recipe("int8-keep-down", ((EMBEDDING, GATHER8), ("*.down_proj", FP32), (LAYERS, nbits(8, 32, 4)), (HEAD, nbits(8, 32, 4)))),
+    "int8-keep-qkv": Recipe("int8-keep-qkv", ((EMBEDDING, GATHER8), ("*.self_attn.[qkv]_proj", FP32), (LAYERS, nbits(8, 32, 4)), (HEAD, nbits(8, 32, 4)))),
     "q4-acc4": Recipe("q4-acc4", ((EMBEDDING, GATHER8), (LAYERS, nbits(4, 32, 4, symmetric=False)), (HEAD, nbits(8, 32, 4)))),
     "q4-rtn-acc1": Recipe("q4-rtn-acc1", ((EMBEDDING, GATHER8), (LAYERS, nbits(4, 32, 1, symmetric=False)), (HEAD, nbits(8, 32, 4)))),
     "q4-head-fp32": Recipe("q4-head-fp32", ((EMBEDDING, GATHER8_LOSSLESS), (LAYERS, Q4_EXACT))),
@@ -202,25 +202,35 @@ def block4(weight: np.ndarray) -> Block4:
     )
 
 
-def _q4_exact_nodes(node: onnx.NodeProto, weight: np.ndarray, b: Block4, block_sum: str) -> tuple[list, list]:
-    """MatMulNBits(x) + (x @ E) @ C for one MatMul; `block_sum` is the (shared) name of x @ E."""
+def _q4_exact_nodes(members: list[onnx.NodeProto], weights: list[np.ndarray], block_sum: str) -> tuple[list, list]:
+    """MatMulNBits(x) + (x @ E) @ C for MatMuls that share their input x, fused into one (split after).
+
+    Blocks run down each column, so quantizing the concatenated [K, sum N] weight equals quantizing each part;
+    one kernel call and one correction instead of one per MatMul (q/k/v and gate/up share their inputs).
+    """
+    first = members[0]
+    weight = weights[0] if len(weights) == 1 else np.concatenate(weights, axis=1)
+    b = block4(weight)
     k, n = weight.shape
-    name = node.input[1]
+    name = first.input[1] if len(members) == 1 else "+".join(m.input[1] for m in members)
+    y = first.output[0] if len(members) == 1 else name + "_q4_out"
     inits = [
         numpy_helper.from_array(b.packed, name + "_q4"),
         numpy_helper.from_array(b.scales, name + "_q4_scales"),
         numpy_helper.from_array(b.zero_points, name + "_q4_zp"),
         numpy_helper.from_array(b.offsets, name + "_q4_offsets"),
     ]
-    y = node.output[0]
     nodes = [
-        helper.make_node("MatMulNBits", [node.input[0], name + "_q4", name + "_q4_scales", name + "_q4_zp"], [y + "_q4"],
-                         name=node.name + "_q4", domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=GRID_BLOCK, accuracy_level=1),
-        helper.make_node("MatMul", [block_sum, name + "_q4_offsets"], [y + "_q4_offset"], name=node.name + "_q4_offset"),
-        helper.make_node("Add", [y + "_q4", y + "_q4_offset"], [y], name=node.name + "_q4_add"),
+        helper.make_node("MatMulNBits", [first.input[0], name + "_q4", name + "_q4_scales", name + "_q4_zp"], [y + "_q4"],
+                         name=first.name + "_q4", domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=GRID_BLOCK, accuracy_level=1),
+        helper.make_node("MatMul", [block_sum, name + "_q4_offsets"], [y + "_q4_offset"], name=first.name + "_q4_offset"),
+        helper.make_node("Add", [y + "_q4", y + "_q4_offset"], [y], name=first.name + "_q4_add"),
     ]
+    if len(members) > 1:
+        inits.append(numpy_helper.from_array(np.array([w.shape[1] for w in weights], dtype=np.int64), name + "_q4_split"))
+        nodes.append(helper.make_node("Split", [y, name + "_q4_split"], [m.output[0] for m in members], name=first.name + "_q4_split", axis=-1))
     for new in nodes:
-        new.metadata_props.extend(node.metadata_props)
+        new.metadata_props.extend(first.metadata_props)
     return nodes, inits
 
 
@@ -282,19 +292,19 @@ def _gather8(model: onnx.ModelProto, node: onnx.NodeProto, lossless_only: bool, 
     gathered = helper.make_node("GatherBlockQuantized", [name, node.input[1], name + "_row_scales"], [out + "_blocks"], name=node.name + "_q8",
                                 domain=MS_DOMAIN, bits=8, block_size=GRID_BLOCK, gather_axis=0, quantize_axis=2)
     rows = helper.make_node("Reshape", [out + "_blocks", name + "_row_shape"], [out], name=node.name + "_q8_rows")
-    replacements = {id(node): [gathered, rows]}
+    replacements = {node.output[0]: [gathered, rows]}  # by output name: protobuf node wrappers have no stable id()
     for r in replaced[1:]:
-        replacements[id(r)] = []
+        replacements[r.output[0]] = []
     if tied:
         g.initializer.append(numpy_helper.from_array(scales.reshape(-1), name + "_scales"))
     for mm, scheme in tied:
         new = helper.make_node("MatMulNBits", [mm.input[0], name, name + "_scales"], list(mm.output), name=mm.name + "_q8",
                                domain=MS_DOMAIN, K=h, N=v, bits=8, block_size=GRID_BLOCK, accuracy_level=scheme.accuracy_level)
         new.metadata_props.extend(mm.metadata_props)
-        replacements[id(mm)] = [new]
+        replacements[mm.output[0]] = [new]
     for new in (gathered, rows):
         new.metadata_props.extend(node.metadata_props)
-    nodes = [n2 for n1 in g.node for n2 in replacements.get(id(n1), [n1])]
+    nodes = [n2 for n1 in g.node for n2 in replacements.get(n1.output[0], [n1])]
     del g.node[:]
     g.node.extend(nodes)
     return {"scheme": "gather8", "grid_error": grid_error, "tied": [mm.name for mm, _ in tied]}
@@ -376,31 +386,38 @@ def quantize_model(model: onnx.ModelProto, recipe: Recipe) -> tuple[onnx.ModelPr
             if mm.name in result["tied"]:
                 shared.add(mm.name)
                 applied.append((mm_path, f"nbits8-b32-acc{s.accuracy_level} (embedding's bytes)", False))
-    new_nodes, new_inits, block_sums = [], [], {}
     schemes = {node.name: (path, scheme) for node, path, scheme in plan if node.op_type == "MatMul"}
+    fused: dict[str, list[tuple[onnx.NodeProto, np.ndarray]]] = {}  # input name -> its lossless q4 MatMuls
     for node in model.graph.node:
         path, scheme = schemes.get(node.name, ("", None)) if node.op_type == "MatMul" else ("", None)
         if scheme is None or scheme.kind != "q4_exact":
-            new_nodes.append(node)
             continue
         weight = numpy_helper.to_array(inits[node.input[1]])
-        b = block4(weight)
-        worst["q4_exact"] = max(worst.get("q4_exact", 0.0), b.grid_error)
-        if scheme.lossless_only and b.grid_error > GRID_TOLERANCE:
+        error = block4(weight).grid_error
+        worst["q4_exact"] = max(worst.get("q4_exact", 0.0), error)
+        if scheme.lossless_only and error > GRID_TOLERANCE:
             applied.append((path, "fp32", True))
+            continue
+        fused.setdefault(node.input[0], []).append((node, weight))
+        applied.append((path, "q4_exact", error <= GRID_TOLERANCE))
+    new_nodes, new_inits = [], []
+    members = {node.output[0]: x for x, group in fused.items() for node, _ in group}  # outputs are unique (SSA)
+    for node in model.graph.node:
+        x = members.get(node.output[0])
+        if x is None:
             new_nodes.append(node)
             continue
-        x, k = node.input[0], weight.shape[0]
-        if x not in block_sums:
-            e_name = f"q4_block_sum_{k}"
-            if not any(i.name == e_name for i in new_inits):
-                new_inits.append(numpy_helper.from_array(_block_sum_matrix(k), e_name))
-            block_sums[x] = x + "_q4_block_sum"
-            new_nodes.append(helper.make_node("MatMul", [x, e_name], [block_sums[x]], name=x + "_q4_block_sum"))
-        nodes, weights = _q4_exact_nodes(node, weight, b, block_sums[x])
+        group = fused.pop(x, None)
+        if group is None:  # a later member of a group already emitted at its first member
+            continue
+        k = group[0][1].shape[0]
+        e_name = f"q4_block_sum_{k}"
+        if not any(i.name == e_name for i in new_inits):
+            new_inits.append(numpy_helper.from_array(_block_sum_matrix(k), e_name))
+        new_nodes.append(helper.make_node("MatMul", [x, e_name], [x + "_q4_block_sum"], name=x + "_q4_block_sum"))
+        nodes, weights = _q4_exact_nodes([n for n, _ in group], [w for _, w in group], x + "_q4_block_sum")
         new_nodes += nodes
         new_inits += weights
-        applied.append((path, "q4_exact", b.grid_error <= GRID_TOLERANCE))
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
     model.graph.initializer.extend(new_inits)
