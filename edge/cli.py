@@ -58,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--exit-layer", type=int, default=15)
     add_decision_flags(p)
     p.add_argument("--edge-precision", choices=EDGE_PRECISIONS, default="auto",
-                   help="auto: the int8 graph standalone, fp32 when collaborating (int8 states change the cloud's answers)")
+                   help="auto: the int8 graph standalone, q4 when collaborating (its layer-K states equal fp32's; int8's change the cloud's answers)")
     p.add_argument("--cloud", default="local", help="'local' (in-process), 'none' (edge-standalone), or ws://HOST:PORT")
     p.add_argument("--token-file", type=Path, default=None, help="file holding the cloud's bearer token (else $OFFRAMP_TOKEN or $OFFRAMP_CLOUD_TOKEN)")
     p.add_argument("--cloud-only", action="store_true", help="baseline: run every layer in the cloud")
@@ -84,7 +84,7 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--exit-layer", type=int, default=15)
     add_decision_flags(p)
     p.add_argument("--edge-precision", choices=EDGE_PRECISIONS, default="auto",
-                   help="auto: the int8 graph standalone, fp32 when collaborating (int8 states change the cloud's answers)")
+                   help="auto: the int8 graph standalone, q4 when collaborating (its layer-K states equal fp32's; int8's change the cloud's answers)")
     p.add_argument("--codec", choices=sorted(CODECS), default=DEFAULT_CODEC, help="hidden-state codec on the link (int8o: int8 with outlier channels exact)")
     p.add_argument("--host", default="127.0.0.1", help="bind address; anything but loopback needs --token-file")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port (printed at start)")
