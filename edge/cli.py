@@ -38,7 +38,7 @@ def add_edge_flags(p: argparse.ArgumentParser, default_cloud: str | None) -> Non
     p.add_argument("--cloud-token-file", type=Path, default=None,
                    help="file holding the bearer token for a ws:// cloud (else $OFFRAMP_CLOUD_TOKEN, else $OFFRAMP_TOKEN)")
     p.add_argument("--edge-precision", choices=EDGE_PRECISIONS, default="auto",
-                   help="auto: the int8 graph standalone, fp32 when collaborating (int8 states change the cloud's answers)")
+                   help="auto: the int8 graph standalone, q4 when collaborating (its layer-K states equal fp32's; int8's change the cloud's answers)")
     p.add_argument("--codec", choices=sorted(CODECS), default=DEFAULT_CODEC, help="hidden-state codec on the link (int8o: int8 with fp16 outlier channels)")
     p.add_argument("--threshold", type=float, default=None, help="exit confidence threshold (> 1 never exits); default: the calibrated one, else 0.9")
     p.add_argument("--head", type=Path, default=None, help="with --model: a trained exit head dir to export (default: the one train-exits wrote)")

@@ -164,7 +164,8 @@ def export_edge(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent))
     os.chmod(tmp, 0o755)
-    stages = ["tracing", "folding tied weights", "saving"] + (["quantizing int8"] if precision == "int8" else []) + ["manifest"]
+    quantized = precision != "fp32"
+    stages = ["tracing", "folding tied weights", "saving"] + ([f"quantizing {precision}"] if quantized else []) + ["manifest"]
     try:
         with tqdm(total=len(stages), desc=f"export K={exit_layer} {precision}", unit="stage", disable=not progress) as bar:
             bar.set_postfix_str(stages[0])
@@ -176,8 +177,8 @@ def export_edge(
             bar.set_postfix_str(stages[2])
             graph = tmp / GRAPH_FILE
             quantization = None
-            if precision == "int8":
-                from offramp.models.quantize import quantize_int8
+            if quantized:
+                from offramp.models.quantize import quantize_graph
 
                 fp32_path = tmp / "fp32" / GRAPH_FILE
                 fp32_path.parent.mkdir()
@@ -185,7 +186,7 @@ def export_edge(
                 del proto
                 bar.update()
                 bar.set_postfix_str(stages[3])
-                quantization = quantize_int8(fp32_path, graph)
+                quantization = quantize_graph(fp32_path, graph, precision)
                 shutil.rmtree(fp32_path.parent)
             else:
                 save_graph(proto, graph)

@@ -15,8 +15,8 @@ from offramp.shared.errors import ArtifactError
 GRAPH_FILE = "edge.onnx"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "offramp-edge-graph"
-MANIFEST_FORMAT_VERSION = 1
-PRECISIONS = ("fp32", "int8")
+MANIFEST_FORMAT_VERSION = 2  # 2: quantized graphs record their recipe (a version-1 graph in a cache is re-exported)
+PRECISIONS = ("fp32", "int8", "q4")  # quantized ones: offramp.models.quantize.RECIPES
 
 
 def io_names(exit_layer: int) -> tuple[list[str], list[str]]:

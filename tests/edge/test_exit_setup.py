@@ -120,9 +120,10 @@ def test_generate_uses_the_calibrated_rule(tiny, tmp_path) -> None:
     assert setup.rule.confidence(np.zeros(128, np.float32)) < setup.threshold
 
 
-def test_auto_precision_is_fp32_when_collaborating() -> None:
+def test_auto_precision_is_q4_when_collaborating() -> None:
     assert resolve_precision("auto", "none") == "int8"
-    assert resolve_precision("auto", "local") == "fp32" and resolve_precision("auto", "ws://h:1") == "fp32"
+    assert resolve_precision("auto", "local") == "q4" and resolve_precision("auto", "ws://h:1") == "q4"
+    assert resolve_precision("auto", "local", ["fp32", "int8"]) == "fp32"  # no q4 graph: the exact one
     assert resolve_precision("auto", "local", ["int8"]) == "int8"  # a directory with one graph runs it
     with pytest.raises(ArtifactError, match="does not hold"):
         resolve_precision("int8", "none", ["fp32"])
