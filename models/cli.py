@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from offramp.shared.edge_dir import DEFAULT_EXPORT_PRECISIONS
 from offramp.shared.edge_manifest import PRECISIONS
 
 
@@ -23,8 +24,8 @@ def add_export(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="default", help="'default', a local HF checkpoint dir, or a .gguf file")
     p.add_argument("--exit-layer", type=int, required=True, help="K: the edge runs layers 0..K-1")
     p.add_argument("--out", type=Path, default=None, help="the edge directory (default: the artifacts cache for this model and K)")
-    p.add_argument("--precision", choices=PRECISIONS, nargs="+", default=["fp32", "int8"],
-                   help="edge graphs to include (default: fp32 and int8; `--edge-precision auto` picks int8 standalone, fp32 collaborating)")
+    p.add_argument("--precision", choices=PRECISIONS, nargs="+", default=list(DEFAULT_EXPORT_PRECISIONS),
+                   help="edge graphs to include (default: q4, int8 and fp32; `--edge-precision auto` picks int8 standalone, q4 collaborating)")
     p.add_argument("--head", type=Path, default=None, help="dir of a trained exit head (default: the one train-exits wrote, if any)")
     p.add_argument("--no-trained-head", action="store_true", help="export the untrained final-norm head even when a trained one exists")
     p.add_argument("--force", action="store_true", help="export the graphs again even when matching ones are already there")

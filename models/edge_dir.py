@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from offramp.models.export import export_edge, head_identity
-from offramp.shared.edge_dir import TOKENIZER_DIR, EdgeDirManifest, graph_dir_name
+from offramp.shared.edge_dir import DEFAULT_EXPORT_PRECISIONS, TOKENIZER_DIR, EdgeDirManifest, graph_dir_name
 from offramp.shared.edge_manifest import PRECISIONS, check_manifest
 from offramp.shared.errors import ArtifactError
 from offramp.shared.exit_rule import ROUTER_FILE
@@ -21,7 +21,6 @@ from offramp.shared.version import __version__
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # what `--model default` is served as
 # What `offramp export` puts in an edge directory unless told: what `--edge-precision auto` picks between.
-DEFAULT_EXPORT_PRECISIONS = ("fp32", "int8")
 
 
 def model_name(spec: str) -> str:

@@ -29,6 +29,7 @@ EDGE_DIR_FILE = "edge.json"
 EDGE_DIR_FORMAT = "offramp-edge-dir"
 EDGE_DIR_FORMAT_VERSION = 1
 TOKENIZER_DIR = "tokenizer"
+DEFAULT_EXPORT_PRECISIONS = ("q4", "int8", "fp32")  # collaborating, alone, exact
 
 
 def graph_dir_name(precision: str) -> str:

@@ -56,7 +56,7 @@ def test_generate_reports_the_trained_head_and_calibrated_threshold(tiny, capsys
     spec, _, head_dir = tiny
     out = generate_json(capsys, spec)
     assert out["exit_rule"] == {"head": str(head_dir), "rule": "logistic", "threshold": CALIBRATED, "threshold_source": "calibrated"}
-    assert out["threshold"] == CALIBRATED and len(out["token_ids"]) == 4 and out["edge_precision"] == "fp32"
+    assert out["threshold"] == CALIBRATED and len(out["token_ids"]) == 4 and out["edge_precision"] == "q4"  # auto, collaborating
     assert {"sources", "mode", "exit_layer", "stats", "text"} <= out.keys()
 
 
