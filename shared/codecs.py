@@ -93,15 +93,19 @@ class Int8AbsmaxCodec:
 
 @dataclass(frozen=True)
 class Int8OutlierCodec:
-    """int8 absmax, but each token's `k` largest-magnitude channels travel exactly (uint16 index + fp16 value).
+    """int8 absmax, but each token's `k` largest-magnitude channels travel apart (uint16 index + fp16 value).
 
     Llama-family hidden states carry a few huge channels (here max/median |h| is ~60x per token), so plain absmax
-    leaves the other channels a handful of levels: measured on the default model, 7-11% of the cloud's tokens
-    change. Taking the outliers out first restores fine steps for the rest at H + 4 + 4k bytes a token.
+    leaves the other channels a handful of levels. Taking the outliers out first restores fine steps for the rest
+    at H + 4 + 4k bytes a token. Measured on the default model at K=15, teacher-forced on held-out text (3,504
+    positions: the deep layers' argmax on decoded states vs on exact ones): int8 88.2%, k=4 99.26%, k=8 99.54%,
+    k=16 99.60%, fp16 99.94%; per-block int8 scales without outliers 96.5% (block 64). k=8 is the default: the
+    first to reach 99.5% (lossless mode's agreement target with the default codec), at 612 bytes a token for
+    H=576 (1.06x H; fp16 1,152).
     """
 
     name: str = "int8o"
-    k: int = 4
+    k: int = 8
 
     def nbytes(self, rows: int, width: int) -> int:
         return rows * (width + 4 + 4 * self.k)
@@ -151,8 +155,7 @@ CODECS: dict[str, HiddenCodec] = {
 }
 
 
-# Measured by `scripts/bench` (wan, K=26, trained head): int8o kept 97.45% agreement with the full model at
-# 667 bytes up per position, fp16 97.55% at 1224, int8 92.97% at 651. fp32 is the only exact one (lossless tests).
+# int8o: fp16-like agreement at about half fp16's bytes (see Int8OutlierCodec). fp32 is the only exact one.
 DEFAULT_CODEC = "int8o"
 
 

@@ -27,7 +27,7 @@ def test_outliers_travel_exactly_and_the_rest_beats_plain_int8() -> None:
     err_o = np.abs(got[:, rest] - h[:, rest]).max()
     err_plain = np.abs(plain[:, rest] - h[:, rest]).max()
     assert err_o < err_plain / 20
-    assert len(int8o.encode(h)) == int8o.nbytes(*h.shape) == 5 * (64 + 4 + 4 * 4)
+    assert len(int8o.encode(h)) == int8o.nbytes(*h.shape) == 5 * (64 + 4 + 4 * 8)
 
 
 def test_narrow_rows_and_empty_input() -> None:
