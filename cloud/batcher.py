@@ -1,6 +1,7 @@
 """Gather escalations from many sessions into one batched forward pass of the deep layers.
 
-Requests wait in a queue; one worker takes everything pending (after a short window for stragglers, up to
+Requests wait in a queue; one worker takes everything pending (after a short window for stragglers while
+several sessions are batching, none for a lone one, whose every round trip it would lengthen; up to
 `max_batch`), runs `DeepEngine.extend_batch` on the engine's worker thread, and answers each waiter. Under
 load the next batch fills while the current one runs, so batching needs no tuning to happen.
 """
@@ -29,6 +30,7 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task | None = None
         self._closed = False
+        self._last_size = 0  # requests in the last batch: a lone session (a single edge) never waits for company
 
     @property
     def pending(self) -> int:
@@ -51,9 +53,10 @@ class Batcher:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._queue and not self._closed:
-                if len(self._queue) < self.max_batch and self.window_s > 0:
-                    await asyncio.sleep(self.window_s)
+                if len(self._queue) < self.max_batch and self.window_s > 0 and self._last_size > 1:
+                    await asyncio.sleep(self.window_s)  # others were batching lately: give stragglers a moment
                 batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+                self._last_size = len(batch)
                 started = time.perf_counter()
                 try:
                     results = await loop.run_in_executor(self.executor, self.engine.extend_batch, [r for r, _ in batch])
