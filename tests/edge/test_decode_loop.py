@@ -60,8 +60,8 @@ async def test_lossless_emits_exactly_the_clouds_greedy_tokens_at_any_depth(dept
     truth = truth_agreeing_except({P + 3, P + 4, P + 10})
     runtime, link = ScriptedRuntime(), FakeCloudLink(truth)
 
-    async def round_trip() -> None:  # slower than an edge step, as over a WAN: drafts pile up meanwhile
-        await asyncio.sleep(0.01)
+    async def round_trip() -> None:  # far slower than a scripted edge step, as over a WAN: drafts pile up meanwhile
+        await asyncio.sleep(0.05)
 
     link.before_answer = round_trip
     tokens, sources, stats = await decode(runtime, link, DecodeOptions(max_new_tokens=N, fixed_draft=depth), lambda lg, h: 1.0)
