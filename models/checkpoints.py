@@ -108,4 +108,21 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
     model.eval()
     model.requires_grad_(False)
+    cpu_matmul_layout(model)
     return model, tokenizer
+
+
+def cpu_matmul_layout(model: torch.nn.Module) -> None:
+    """Store every Linear weight [out, in] as the transpose of a contiguous [in, out] matrix (same values).
+
+    `linear(x, W)` multiplies by W's transpose; with W kept this way MKL gets a contiguous [in, out] operand and
+    takes a much faster path for the few-row products decoding does: measured one thread on this machine, the
+    49k-vocabulary LM head over 8 rows 30.0 -> 19.0 ms, an MLP projection (1536x576) over 8 rows 426 -> 205 us, a
+    single row 8-17% faster. Results differ from the other layout in the last bits (~5e-5), so every torch path
+    of a process must use the same one: load_model applies it to every model it returns (CPU only; GPU kernels
+    do not care), and saving such a model needs `.contiguous()` first.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.device.type == "cpu" and module.weight.is_contiguous():
+            module.weight.data = module.weight.data.t().contiguous().t()
+

@@ -23,7 +23,7 @@ def default_model():
     return load_model("default")
 
 
-def make_tiny_llama(num_layers: int = 4, seed: int = 0, **overrides) -> LlamaForCausalLM:
+def make_tiny_llama(num_layers: int = 4, seed: int = 0, cpu_layout: bool = True, **overrides) -> LlamaForCausalLM:
     """A random Llama small enough to run in milliseconds, for tests where real weights are not the point."""
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -40,6 +40,10 @@ def make_tiny_llama(num_layers: int = 4, seed: int = 0, **overrides) -> LlamaFor
     config._attn_implementation = "sdpa"
     model = LlamaForCausalLM(config).eval()
     model.requires_grad_(False)
+    if cpu_layout:  # as load_model does, so processes that load its checkpoint compute alike (not for saving)
+        from offramp.models.checkpoints import cpu_matmul_layout
+
+        cpu_matmul_layout(model)
     return model
 
 
@@ -57,7 +61,7 @@ def save_tiny_checkpoint(path: Path, num_layers: int = 4, seed: int = 0, **overr
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    model = make_tiny_llama(num_layers, seed, **overrides)
+    model = make_tiny_llama(num_layers, seed, cpu_layout=False, **overrides)
     vocab = {f"t{i}": i for i in range(model.config.vocab_size)}
     words = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

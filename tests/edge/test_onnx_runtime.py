@@ -97,7 +97,7 @@ def test_ensure_edge_graph_reuses_and_reexports(tmp_path, default_model) -> None
     from tests.conftest import make_tiny_llama
 
     checkpoint = tmp_path / "ckpt"
-    make_tiny_llama(num_layers=4, seed=5).save_pretrained(checkpoint)
+    make_tiny_llama(num_layers=4, seed=5, cpu_layout=False).save_pretrained(checkpoint)
     default_model[1].save_pretrained(checkpoint)
     out = tmp_path / "graph"
     first = ensure_edge_graph(str(checkpoint), 2, "fp32", out_dir=out, progress=False)

@@ -13,7 +13,7 @@ from tests.conftest import make_tiny_llama
 
 
 def test_local_hf_directory_loads(tmp_path) -> None:
-    model = make_tiny_llama()
+    model = make_tiny_llama(cpu_layout=False)
     model.save_pretrained(tmp_path)
     AutoTokenizer.from_pretrained(resolve_checkpoint("default")).save_pretrained(tmp_path)
     loaded, tok = load_model(tmp_path)

@@ -85,7 +85,7 @@ def test_untied_model_exports_and_quantizes(tmp_path) -> None:
 
 def test_cli_export_end_to_end(tmp_path, capsys, default_model) -> None:
     checkpoint = tmp_path / "ckpt"
-    make_tiny_llama(num_layers=4, seed=3).save_pretrained(checkpoint)
+    make_tiny_llama(num_layers=4, seed=3, cpu_layout=False).save_pretrained(checkpoint)
     default_model[1].save_pretrained(checkpoint)  # load_model wants a tokenizer beside the weights
     out = tmp_path / "edge"
     assert main(["export", "--model", str(checkpoint), "--exit-layer", "2", "--out", str(out), "--precision", "fp32"]) == 0
