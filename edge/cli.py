@@ -165,6 +165,8 @@ async def _collaborative(args: argparse.Namespace) -> dict[str, Any]:
             "threshold": service.threshold,
             "exit_rule": service.exit_setup.describe(),
             "edge_precision": service.precision,
+            "lossless": service.config.lossless,
+            "codec": service.config.codec,
             "edge_dir": str(service.edge_dir),
             "stats": result.stats.to_dict(),
         }
