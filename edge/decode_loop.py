@@ -120,23 +120,33 @@ class DecodeOptions:
 
 
 class DraftController:
-    """How deep to speculate: enough drafts to cover a round trip, while the chain is likely to survive.
+    """How deep to speculate: enough drafts to cover a round trip, no deeper than drafts are likely to survive.
 
-    Depth = round trip (EMA of request latency) / edge step (EMA) + 1, within 1..max_draft; drafting also stops
-    once the product of the pending drafts' confidences falls below `min_chain`, since deeper drafts would almost
-    surely be discarded. A fixed depth disables both (benchmarks).
+    Depth = round trip (EMA of request latency) / edge step (EMA) + 1, within 1..max_draft, and at most the k for
+    which acceptance^k (EMA of accepted / verified drafts) stays above `min_chain`: with a head whose drafts are
+    mostly wrong, speculating deep only uploads rows that will be stale. Drafting also stops once the product of
+    the pending drafts' confidences falls below `min_chain`. A fixed depth disables all of it (benchmarks).
     """
 
     def __init__(self, max_draft: int, fixed: int = 0, min_chain: float = 0.05, smoothing: float = 0.3) -> None:
         self.max_draft, self.fixed, self.min_chain, self.smoothing = max_draft, fixed, min_chain, smoothing
         self.step_s: float | None = None
         self.round_trip_s: float | None = None
+        self.acceptance: float | None = None
+
+    def _ema(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.smoothing * (new - old)
 
     def observe_step(self, seconds: float) -> None:
-        self.step_s = seconds if self.step_s is None else self.step_s + self.smoothing * (seconds - self.step_s)
+        self.step_s = self._ema(self.step_s, seconds)
 
     def observe_round_trip(self, seconds: float) -> None:
-        self.round_trip_s = seconds if self.round_trip_s is None else self.round_trip_s + self.smoothing * (seconds - self.round_trip_s)
+        self.round_trip_s = self._ema(self.round_trip_s, seconds)
+
+    def observe_verdict(self, accepted: int, verified: int) -> None:
+        """`verified` drafts were checked, the first `accepted` kept (a rejection ends a request's verdicts)."""
+        if verified:
+            self.acceptance = self._ema(self.acceptance, accepted / verified)
 
     @property
     def depth(self) -> int:
@@ -144,7 +154,11 @@ class DraftController:
             return self.fixed
         if self.step_s is None or self.round_trip_s is None:
             return min(4, self.max_draft)
-        return max(1, min(self.max_draft, math.ceil(self.round_trip_s / max(self.step_s, 1e-4)) + 1))
+        cover = math.ceil(self.round_trip_s / max(self.step_s, 1e-4)) + 1
+        if self.acceptance is not None and self.acceptance < 1.0:
+            survive = math.log(self.min_chain) / math.log(max(self.acceptance, 1e-3))
+            cover = min(cover, math.ceil(survive))
+        return max(1, min(self.max_draft, cover))
 
     def keep_going(self, pending: int, chain: float) -> bool:
         """Whether to draft once more with `pending` unconfirmed drafts whose confidences multiply to `chain`."""
@@ -509,6 +523,7 @@ class _Run:
             return  # answered at an epoch the edge has already left (cannot happen in order; be safe)
         s.drafted_tokens += len(block.drafts)
         s.accepted_drafts += result.accepted
+        self.controller.observe_verdict(result.accepted, min(len(block.drafts), result.accepted + 1))
         n = len(result.token_logprobs)
         lps = list(zip(result.token_logprobs, result.top_ids or [None] * n, result.top_logprobs or [None] * n))
         for i, position in enumerate(block.drafts[: result.accepted]):

@@ -377,6 +377,12 @@ def test_the_controller_covers_a_round_trip_with_drafts() -> None:
     for _ in range(40):
         c.observe_round_trip(1.0)
     assert c.depth == 16  # capped
+    for _ in range(40):
+        c.observe_verdict(accepted=1, verified=2)  # half the drafts survive: 0.5^5 < 0.05, so 5 deep at most
+    assert c.depth == 5
+    for _ in range(40):
+        c.observe_verdict(accepted=0, verified=1)  # nothing survives: one draft at a time
+    assert c.depth == 1
     fixed = DraftController(max_draft=16, fixed=3)
     assert fixed.depth == 3 and fixed.keep_going(2, chain=0.0) and not fixed.keep_going(3, chain=1.0)
 
