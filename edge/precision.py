@@ -11,8 +11,9 @@ EDGE_PRECISIONS = ("auto", *PRECISIONS)
 
 
 def resolve_precision(precision: str, cloud: str, available: Sequence[str] = PRECISIONS) -> str:
-    """`auto`: the int8 graph when the edge works alone, the q4 graph (else fp32) when it sends hidden states to
-    a cloud (or the one graph `available` holds); an explicit precision must be among `available`.
+    """`auto`: the int8 graph when the edge works alone (else q4, else fp32: any graph serves alone), the q4 graph
+    (else fp32) when it sends hidden states to a cloud (or the one graph `available` holds); an explicit precision
+    must be among `available`.
 
     What the cloud continues from is the layer-K state, so collaboration takes the graph whose states equal fp32's:
     q4 stores the layers' weights losslessly where the checkpoint already lies on a 4-bit block grid (the default
@@ -25,7 +26,7 @@ def resolve_precision(precision: str, cloud: str, available: Sequence[str] = PRE
     if precision not in EDGE_PRECISIONS:
         raise ArtifactError(f"edge precision {precision!r} is not one of {EDGE_PRECISIONS}")
     if precision == "auto":
-        for preferred in (("int8",) if cloud == "none" else ("q4", "fp32")):
+        for preferred in (("int8", "q4", "fp32") if cloud == "none" else ("q4", "fp32")):
             if preferred in available:
                 return preferred
         if len(available) == 1:

@@ -125,5 +125,7 @@ def test_auto_precision_is_q4_when_collaborating() -> None:
     assert resolve_precision("auto", "local") == "q4" and resolve_precision("auto", "ws://h:1") == "q4"
     assert resolve_precision("auto", "local", ["fp32", "int8"]) == "fp32"  # no q4 graph: the exact one
     assert resolve_precision("auto", "local", ["int8"]) == "int8"  # a directory with one graph runs it
+    assert resolve_precision("auto", "none", ["fp32", "q4"]) == "q4"  # alone without int8: any graph serves
+    assert resolve_precision("auto", "none", ["fp32"]) == "fp32"
     with pytest.raises(ArtifactError, match="does not hold"):
         resolve_precision("int8", "none", ["fp32"])
