@@ -17,7 +17,7 @@ holds for any number of layers, exits or head kinds. Schemes (`Scheme.kind`):
 - `fp32`: left as it is (also what an unmatched weight gets).
 
 The shipped recipes (`RECIPES`, the graph precisions besides fp32) and the candidates they were chosen from
-(`CANDIDATES`) are measured with one command, `scripts/bench_edge_step.py --candidates --accuracy` (add
+(`CANDIDATES`) are measured with one command, `offramp bench edge-step --candidates --accuracy` (add
 `--exit-layers 15` for one K). Default model, 2026-12-01, shared 2-core machine: agreement = teacher-forced,
 held-out text (models/edge_fidelity.py), the deep layers' argmax on the graph's layer-K states vs the full
 model's; exit = the graph's exit-head argmax vs the fp32 edge part's; step = one intra-op thread, 128 positions
@@ -160,7 +160,7 @@ RECIPES: dict[str, Recipe] = {
                    "8-bit weights and int8 activations everywhere"),
 }
 
-# What the shipped recipes were chosen from (scripts/bench_edge_step.py --candidates; table in the module docstring).
+# What the shipped recipes were chosen from (offramp bench edge-step --candidates; table in the module docstring).
 CANDIDATES: dict[str, Recipe] = {
     **RECIPES,
     "int8-b64": Recipe("int8-b64", ((EMBEDDING, GATHER8), (LAYERS, nbits(8, 64, 4)), (HEAD, nbits(8, 64, 4)))),

@@ -12,7 +12,8 @@ from offramp.shared.errors import OfframpError
 from offramp.shared.version import __version__
 
 # Each module exposes `register(subparsers)`; a subcommand sets `func(args) -> int` as its default.
-SUBCOMMAND_MODULES = ("offramp.models.cli", "offramp.edge.cli", "offramp.cloud.cli")
+# offramp.bench.cli is imported by name only: it loads its tools (torch, the cloud) when one runs.
+SUBCOMMAND_MODULES = ("offramp.models.cli", "offramp.edge.cli", "offramp.cloud.cli", "offramp.bench.cli")
 # The parts an edge-only install (`pip install offramp`, no torch) lacks, and the subcommands each would add.
 CLOUD_EXTRA_MODULES = frozenset({"torch", "transformers", "safetensors", "gguf", "accelerate", "onnx", "onnxscript", "matplotlib"})
 NEEDS_CLOUD_EXTRA = {"offramp.models.cli": ("export", "train-exits", "calibrate", "eval"), "offramp.cloud.cli": ("cloud",)}

@@ -1,23 +1,19 @@
 """Real processes for the fault and load tests: `offramp cloud serve` on a tiny random checkpoint, the link
 emulator in its own process, and what the edge's tokens should have been (the full model, teacher-forced).
 
-The process helpers are the bench's (`scripts/bench_procs.py`) and the edge daemon tests' (`DaemonProcess`), so
+The process helpers are the bench's (`offramp.bench.processes`) and the edge daemon tests' (`DaemonProcess`), so
 there is one way to start each process in this repository. Test modules import the fixtures they use from here.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
+from offramp.bench.load_driver import wrong_cloud_tokens
+from offramp.bench.processes import CloudServer, EmulatedLink, free_port
 from tests.conftest import save_tiny_checkpoint
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-
-from bench_procs import CloudServer, EmulatedLink, free_port  # noqa: E402
-from load_driver import wrong_cloud_tokens  # noqa: E402
 
 K = 2  # the edge runs layers 0..1 of the tiny model, the cloud 2..3
 LAYERS = 4

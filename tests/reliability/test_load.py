@@ -4,16 +4,10 @@ the KV budget held, and no session left behind. `scripts/soak` runs the same dri
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
+from offramp.bench.load_driver import MB, LoadConfig, run_load
 from tests.reliability.processes import Cloud, full_model, tiny_dir  # noqa: F401 (fixtures)
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-
-from load_driver import MB, LoadConfig, run_load  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

@@ -1,10 +1,10 @@
-"""The soak: N concurrent edge sessions through one real `offramp cloud serve` for as long as asked.
+"""`offramp bench soak` (`scripts/soak`): N concurrent edge sessions through one real `offramp cloud serve` for as long as asked.
 
     scripts/soak --duration 600                       # starts its own cloud on the tests' tiny model
     scripts/soak --duration 3600 --sessions 128 --kv-budget-mb 4
     scripts/soak --cloud ws://gpu-box:8700 --model DIR --exit-layer 15 --duration 600
 
-Prints throughput, error count and the cloud's peak memory (see `load_driver` for what counts as an error);
+Prints throughput, error count and the cloud's peak memory (see `offramp.bench.load_driver` for what counts as an error);
 exits 1 if there was any error. The same driver, with the same defaults, runs for a minute in CI
 (`tests/reliability/test_load.py`).
 """
@@ -18,10 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from load_driver import LoadConfig, run_load  # noqa: E402
+from offramp.bench.load_driver import LoadConfig, run_load
 
 TINY = "tiny"
 TINY_EXIT_LAYER = 2
@@ -29,7 +26,7 @@ TINY_EXIT_LAYER = 2
 
 def build_parser() -> argparse.ArgumentParser:
     d = LoadConfig(url="")
-    p = argparse.ArgumentParser(prog="scripts/soak", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="offramp bench soak", description=__doc__.split("\n")[0])
     p.add_argument("--duration", type=float, default=60.0, help="seconds of load")
     p.add_argument("--sessions", type=int, default=d.sessions, help="concurrent edge sessions, each its own link")
     p.add_argument("--cloud", default=None, help="ws://HOST:PORT of a running cloud (default: start one here)")
@@ -54,8 +51,7 @@ def load_edge_model(spec: str, workdir: Path) -> tuple[str, object]:
     from offramp.models import load_model
 
     if spec == TINY:
-        sys.path.insert(0, str(ROOT))
-        from tests.conftest import save_tiny_checkpoint
+        from offramp.models.tiny import save_tiny_checkpoint
 
         spec = str(save_tiny_checkpoint(workdir / "tiny", num_layers=4, seed=11))
     return spec, load_model(spec)[0]
@@ -64,7 +60,7 @@ def load_edge_model(spec: str, workdir: Path) -> tuple[str, object]:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from bench_procs import CloudServer
+    from offramp.bench.processes import CloudServer
     from offramp.edge.config import cloud_token
 
     args = build_parser().parse_args(argv)

@@ -1,8 +1,8 @@
-"""The pieces of `scripts/bench.py`: prompts, agreement, one request in each mode, aggregation.
+"""The pieces of `offramp bench compare`: prompts, agreement, one request in each mode, aggregation.
 
 Each mode turns one prompt (token ids) into a `RequestResult`: the tokens, when the first one came, how long
 the whole request took, what the cloud did for it and what crossed the link. `aggregate` turns a list of them
-into one row of the report. The network and the cloud processes are `bench_procs`'s business; this module
+into one row of the report. The network and the cloud processes are `offramp.bench.processes`'s business; this module
 takes a `CloudLink` or a completions URL and does not care what is behind it.
 """
 

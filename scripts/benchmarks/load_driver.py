@@ -9,7 +9,7 @@ is not the full model's greedy choice (spot-checked, teacher-forced, every `veri
 error frame the cloud counted. Meanwhile the cloud's RSS (from /proc, when its pid is known) and its KV bytes
 (from /healthz) are sampled, so a leak or a budget overrun shows.
 
-`scripts/soak.py` runs this for as long as asked; `tests/reliability/test_load.py` runs it for a minute in CI.
+`offramp bench soak` (`scripts/soak`) runs this for as long as asked; `tests/reliability/test_load.py` runs it for a minute in CI.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import aiohttp
 import numpy as np
 import torch
 
-from bench_procs import cpu_seconds
+from offramp.bench.processes import cpu_seconds
 from offramp.edge.decode_loop import CLOUD, EDGE, FALLBACK, CollaborativeDecoder, DecodeOptions
 from offramp.models.reference_runtime import TorchEdgeRuntime
 from offramp.edge.ws_link import WebSocketCloudLink

@@ -18,7 +18,6 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -85,7 +84,7 @@ class CloudServer:
     def launch(self) -> None:
         """Start the process without waiting (several servers then load their models side by side)."""
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=one_thread_env(), cwd=ROOT)
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=one_thread_env())
 
     def wait_healthy(self, timeout_s: float = 240.0) -> "CloudServer":
         """Poll /healthz until it answers 200; a process that exits or stays unhealthy past the deadline raises."""
@@ -134,7 +133,7 @@ class CloudServer:
 
 @dataclass
 class EmulatedLink:
-    """`python -m offramp.shared.link_emulator` in its own process (so the edge's compute cannot delay its timers)."""
+    """`python -m offramp.bench.link_emulator` in its own process (so the edge's compute cannot delay its timers)."""
 
     target_port: int
     profile: str = "wan"
@@ -147,7 +146,7 @@ class EmulatedLink:
         return f"http://127.0.0.1:{self.control_port}"
 
     def start(self, timeout_s: float = 30.0) -> "EmulatedLink":
-        cmd = [sys.executable, "-m", "offramp.shared.link_emulator", "--listen", f"127.0.0.1:{self.port}",
+        cmd = [sys.executable, "-m", "offramp.bench.link_emulator", "--listen", f"127.0.0.1:{self.port}",
                "--target", f"127.0.0.1:{self.target_port}", "--profile", self.profile,
                "--control", f"127.0.0.1:{self.control_port}"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=one_thread_env())

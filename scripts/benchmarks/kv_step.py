@@ -4,7 +4,7 @@ This is the step that preallocated KV (written in place at explicit positions) a
 padded engine it replaced re-padded every session's whole past into one tensor and concatenated new KV on every
 step. Run it against any checkout's engine to compare (the engine API is the same):
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_kv_step.py --sessions 16 --context 512
+    OMP_NUM_THREADS=1 .venv/bin/offramp bench kv-step --sessions 16 --context 512
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -28,15 +29,15 @@ except ImportError:  # an older checkout kept the request type in the engine
     from offramp.cloud.engine import ExtendRequest  # type: ignore[no-redef]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="offramp bench kv-step", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
     ap.add_argument("--exit-layer", type=int, default=15)
     ap.add_argument("--sessions", type=int, default=16)
     ap.add_argument("--context", type=int, default=512, help="positions each session holds before the timed steps")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, _ = load_model(args.model)
     engine = DeepEngine(CloudPart(model, args.exit_layer), ContextManager())
@@ -58,7 +59,8 @@ def main() -> None:
     print(json.dumps({"sessions": args.sessions, "context": args.context, "threads": args.threads, "steps": args.steps,
                       "step_ms_median": round(1000 * statistics.median(steady), 2),
                       "step_ms_min": round(1000 * min(steady), 2), "per_session_ms": round(1000 * statistics.median(steady) / args.sessions, 3)}))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from offramp.shared.link_emulator import PROFILES, Direction, LinkEmulator, LinkProfile
+from offramp.bench.link_emulator import PROFILES, Direction, LinkEmulator, LinkProfile
 
 MBIT = 1e6
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(60)]
@@ -174,7 +174,7 @@ async def _http(port: int, method: str, path: str) -> dict:
 async def test_command_line_proxy_with_control_port(echo_server: int, unused_tcp_port_factory) -> None:
     listen, control = unused_tcp_port_factory(), unused_tcp_port_factory()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "offramp.shared.link_emulator", "--listen", f"127.0.0.1:{listen}",
+        [sys.executable, "-m", "offramp.shared.cli", "bench", "link-emulator", "--listen", f"127.0.0.1:{listen}",
          "--target", f"127.0.0.1:{echo_server}", "--profile", "lan", "--latency-ms", "10", "--control", f"127.0.0.1:{control}"],
         stdout=subprocess.PIPE, text=True,
     )

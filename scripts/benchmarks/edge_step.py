@@ -1,6 +1,6 @@
 """Edge decode-step latency (and, with --accuracy, teacher-forced fidelity) of the edge graph precisions.
 
-    .venv/bin/python scripts/bench_edge_step.py [--exit-layers 10 15] [--context 128] [--steps 100] [--threads 1]
+    .venv/bin/offramp bench edge-step [--exit-layers 10 15] [--context 128] [--steps 100] [--threads 1]
         [--precisions fp32 int8 q4] [--candidates] [--accuracy] [--llama-cpp auto|on|off] [--json FILE] [--out DIR]
 
 Every runtime of one exit layer is prefilled with `--context` random tokens, then all are timed in interleaved
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -160,8 +161,8 @@ def time_interleaved(steppers: list[Stepper], context: list[int], steps: int, ro
     return {name: float(np.median(t) * 1e3) for name, t in samples.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="offramp bench edge-step", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
     parser.add_argument("--exit-layers", type=int, nargs="+", default=[10, 15])
     parser.add_argument("--context", type=int, default=128)
@@ -178,7 +179,7 @@ def main() -> None:
     parser.add_argument("--gguf", default=None, help="GGUF for the llama.cpp peer (default: the default model's)")
     parser.add_argument("--out", type=Path, default=None, help="where to export graphs (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from offramp.edge.onnx_runtime import OnnxEdgeRuntime
     from offramp.models.edge_dir import ensure_edge_graph
@@ -246,10 +247,11 @@ def main() -> None:
             "bandwidth_gbs": bandwidth, "threads": threads, "context": args.context, "steps": args.steps, "rounds": args.rounds,
             "load_average": [load_start[0], load_end[0]], "rows": rows,
         }, indent=2))
+    return 0
 
 
 def _row(k, name, recipe, ms, fp32_ms, layers, size, weights, bandwidth, fidelity, measured_at=None) -> dict:
-    """One uniform result row (bench_report prints the first row's keys as the header)."""
+    """One uniform result row (the report prints the first row's keys as the header)."""
     row = {
         "exit_layer": k, "runtime": name, "recipe": recipe, "median_ms": round(ms, 3),
         "x_fp32": None if not fp32_ms else round(ms / fp32_ms, 3), "ms_per_layer": round(ms / layers, 3),
@@ -262,4 +264,4 @@ def _row(k, name, recipe, ms, fp32_ms, layers, size, weights, bandwidth, fidelit
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,19 +9,16 @@ picks what the issue asks for.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
+from offramp.bench import compare as bench
+from offramp.bench import modes as bm
+from offramp.bench import report as bench_report
+from offramp.shared.cli import main as cli_main
 from tests.conftest import save_tiny_checkpoint
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-
-import bench  # noqa: E402
-import bench_modes as bm  # noqa: E402
-import bench_report  # noqa: E402
 
 ASYNC = pytest.mark.asyncio(loop_scope="session")
 
@@ -218,18 +215,19 @@ def test_whatif_model_overlaps_agreeing_escalations_only() -> None:
 
 
 def test_bench_end_to_end_against_a_real_cloud_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`scripts/bench` itself on a tiny checkpoint: `offramp cloud serve` and the link emulator as processes,
+    """`offramp bench compare` (what `scripts/bench` runs) on a tiny checkpoint: `offramp cloud serve` and the link emulator as processes,
     cloud-only over HTTP, collaborative over the WebSocket link, every loop, clients, results.json and the report."""
     monkeypatch.setenv("OFFRAMP_HOME", str(tmp_path / "home"))  # nothing lands in the real artifact cache
     model_dir = save_tiny_checkpoint(tmp_path / "tiny", num_layers=4)
     out = tmp_path / "results"
-    assert bench.main(["--model", str(model_dir), "--profiles", "lan", "--exit-layers", "2", "--edge-precisions", "fp32",
+    assert cli_main(["bench", "compare", "--model", str(model_dir), "--profiles", "lan", "--exit-layers", "2", "--edge-precisions", "fp32",
                        "--heads", "none", "--prompts", "2", "--max-new-tokens", "6", "--thresholds", "0.02,2",
                        "--codecs", "fp32", "--codec-threshold", "0.02", "--loops", "draft,lossless", "--draft-ahead", "2", "--max-draft", "3",
                        "--clients", "1,2", "--no-edge-step", "--out", str(out)]) == 0
     run = next(out.iterdir())
     results = json.loads((run / "results.json").read_text())
     assert results["meta"]["cloud"] == "offramp cloud serve"
+    assert results["meta"]["command"].startswith("offramp bench compare --model ")
     rows = {r["key"]: r for r in results["lan"]["rows"]}
     cloud = rows["cloud-only"]
     assert cloud["errors"] == 0 and cloud["agreement"] == 1.0 and cloud["tokens"] == 12  # the server's full model

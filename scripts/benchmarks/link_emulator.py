@@ -12,7 +12,7 @@ Faults, for the reliability tests:
 - `reset()`: close every connection now (both sides see the connection drop); new ones are accepted.
 
 In process: `async with LinkEmulator(("127.0.0.1", 8700), WAN) as link: connect to link.port`.
-Command line: `python -m offramp.shared.link_emulator --listen 127.0.0.1:9000 --target 127.0.0.1:8700
+Command line: `offramp bench link-emulator --listen 127.0.0.1:9000 --target 127.0.0.1:8700
 --profile wan [--control 127.0.0.1:9001]`; the control port takes `POST /cut`, `/restore`, `/reset`,
 `/profile?name=lan[&latency_ms=500&jitter_ms=..&up_mbit=..&down_mbit=..]` and `GET /stats`, so a benchmark or
 test can drive a proxy running in its own process (a fault test makes the link slower than the edge's timeout).
@@ -339,7 +339,7 @@ def profile_from_args(args: argparse.Namespace) -> LinkProfile:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m offramp.shared.link_emulator", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="offramp bench link-emulator", description=__doc__.split("\n")[0])
     p.add_argument("--listen", type=_hostport, default=("127.0.0.1", 9000))
     p.add_argument("--target", type=_hostport, required=True)
     p.add_argument("--profile", choices=sorted(PROFILES), default="wan")

@@ -6,7 +6,7 @@ escalates one token per step, greedily. Two engines decode side by side, interle
 other work on the machine hits both alike: one runs `engine.extend` per session, the other one
 `engine.extend_batch` over all sessions. Only the deep-layer calls are timed; the tokens must be identical.
 
-    OMP_NUM_THREADS=2 .venv/bin/python scripts/bench_batching.py --sessions 1 4 16 32 --steps 32
+    OMP_NUM_THREADS=2 .venv/bin/offramp bench batching --sessions 1 4 16 32 --steps 32
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def measure(model, k: int, prompts: list[list[int]], steps: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="offramp bench batching", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="default")
     ap.add_argument("--exit-layer", type=int, default=15)
     ap.add_argument("--sessions", type=int, nargs="+", default=[16])

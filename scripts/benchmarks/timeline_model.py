@@ -7,7 +7,7 @@ collaborative generation and of the cloud-only one (the whole model in the cloud
 ratio, tokens per round trip and the cloud's share of the compute. `fit` tunes nothing: every parameter is a
 measured quantity; the bench compares the model's prediction with its measured points.
 
-    .venv/bin/python scripts/timeline_model.py --edge-ms 9 --cloud-fixed-ms 6 --cloud-row-ms 1.2 --full-ms 45 --rtt-ms 60 --alpha 0.55
+    .venv/bin/offramp bench timeline --edge-ms 9 --cloud-fixed-ms 6 --cloud-row-ms 1.2 --full-ms 45 --rtt-ms 60 --alpha 0.55
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import heapq
 import json
 import math
 import random
+import sys
 from dataclasses import asdict, dataclass, field
 
 
@@ -203,8 +204,8 @@ def fit(points: list[dict], costs: Costs, link: Link, policy: Policy) -> list[di
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="offramp bench timeline", description=__doc__.splitlines()[0])
     ap.add_argument("--prompt", type=int, default=40)
     ap.add_argument("--new", type=int, default=48)
     ap.add_argument("--edge-ms", type=float, default=9.0)
@@ -219,7 +220,7 @@ def main() -> None:
     ap.add_argument("--block", type=int, nargs="+", default=[4])
     ap.add_argument("--inflight", type=int, nargs="+", default=[3])
     ap.add_argument("--seeds", type=int, default=30)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     costs = Costs(args.edge_ms / 1e3, args.edge_prefill_ms / 1e3, args.cloud_fixed_ms / 1e3, args.cloud_row_ms / 1e3,
                   args.full_ms / 1e3, args.full_prefill_ms / 1e3)
     link = Link(args.rtt_ms / 1e3)
@@ -236,7 +237,8 @@ def main() -> None:
                                       "tokens_per_round_trip": round(mean(lambda r: r.tokens_per_round_trip), 2),
                                       "cloud_rows_per_token": round(mean(lambda r: r.cloud_rows) / args.new, 2),
                                       "stale": round(mean(lambda r: r.stale), 1)}))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

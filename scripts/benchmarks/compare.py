@@ -1,4 +1,4 @@
-"""`scripts/bench`: collaborative vs cloud-only vs edge-only, over emulated networks, in one run, side by side.
+"""`offramp bench compare` (`scripts/bench`): collaborative vs cloud-only vs edge-only, over emulated networks, in one run, side by side.
 
 For each link profile the bench starts real `offramp cloud serve` processes (one per exit layer) behind the
 link emulator (its own process, profile switched through its control port), and runs on the same held-out
@@ -22,21 +22,20 @@ import asyncio
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from offramp.bench import modes as bm
+from offramp.bench.processes import CloudServer, EmulatedLink, one_thread_env
+from offramp.bench import report as bench_report
+from offramp.edge.precision import resolve_precision
+from offramp.shared.exit_rule import DEFAULT_MAX_PROB_THRESHOLD
+from offramp.shared.tokens import stop_token_ids
 
-import bench_modes as bm  # noqa: E402
-import bench_report  # noqa: E402
-from offramp.edge.precision import resolve_precision  # noqa: E402
-from offramp.shared.exit_rule import DEFAULT_MAX_PROB_THRESHOLD  # noqa: E402
-from offramp.shared.tokens import stop_token_ids  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 PROFILE_NAMES = ("lan", "wan", "cellular")
 
 
@@ -60,7 +59,7 @@ class BenchConfig:
     # The first is the sweep's: fp32, because int8 edge graphs' layer-K states cost agreement (edge/precision.py
     # resolve_precision); the others run at K0 and the codec threshold. Edge-only runs the standalone int8 graph.
     edge_precisions: list[str] = field(default_factory=lambda: ["fp32", "int8"])
-    # Decode loops (bench_modes.LOOPS) beside the plain one, at K0 and the codec threshold; lossless also at each of
+    # Decode loops (modes.LOOPS) beside the plain one, at K0 and the codec threshold; lossless also at each of
     # `lossless_thresholds`: lower thresholds draft more tokens per round trip (and have more of them rejected).
     loops: list[str] = field(default_factory=lambda: ["draft", "eager", "lossless"])
     lossless_thresholds: list[float] = field(default_factory=lambda: [0.5])
@@ -74,7 +73,7 @@ class BenchConfig:
     followup_top: int = 2  # the fastest faithful setting of each loop first (see followup_settings); <= 0: the full grid
     requests_per_client: int = 1
     edge_step_bench: bool = True
-    out_root: Path = ROOT / "bench-results"
+    out_root: Path = Path("bench-results")  # under the working directory (scripts/bench: the checkout)
     quick: bool = False
 
     @classmethod
@@ -237,8 +236,6 @@ class ServedBackend:
     name = "offramp cloud serve"
 
     def __init__(self, edge: Edge, cfg: BenchConfig, out: Path) -> None:
-        from bench_procs import CloudServer, EmulatedLink
-
         self.edge, self.cfg = edge, cfg
         self.servers = {k: CloudServer(cfg.model, k, log_path=out / f"cloud-k{k}.log") for k in cfg.exit_layers}
         self.links: dict[int, EmulatedLink] = {}
@@ -480,26 +477,22 @@ async def replay(link, trace, prompt: bm.BenchPrompt) -> bm.RequestResult:
 
 
 def edge_step_microbench(cfg: BenchConfig, out: Path, edge: Edge) -> dict:
-    """The ONNX engineer's scripts/bench_edge_step.py when present (its JSON), else a PyTorch-only fallback."""
-    script = ROOT / "scripts" / "bench_edge_step.py"
-    if script.exists():
-        target = out / "edge_step.json"
-        from offramp.shared.paths import offramp_home
+    """`offramp bench edge-step` in its own one-thread process (its JSON), else a PyTorch-only fallback."""
+    from offramp.shared.paths import offramp_home
 
-        # Graphs exported under a stable directory, so only the first run pays for the exports.
-        cmd = [sys.executable, str(script), "--json", str(target), "--threads", "1", "--exit-layers",
-               *[str(k) for k in cfg.exit_layers], "--steps", "20" if cfg.quick else "100",
-               "--out", str(offramp_home() / "bench-edge-step")]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=_one_thread_env(), cwd=ROOT)
-            (out / "edge_step.log").write_text(proc.stdout + proc.stderr)
-            if proc.returncode == 0 and target.exists():
-                return {"source": "scripts/bench_edge_step.py", **json.loads(target.read_text())}
-            note = f"scripts/bench_edge_step.py exited {proc.returncode} (see edge_step.log)"
-        except subprocess.TimeoutExpired:
-            note = "scripts/bench_edge_step.py timed out"
-    else:
-        note = "scripts/bench_edge_step.py not present"
+    target = out / "edge_step.json"
+    # Graphs exported under a stable directory, so only the first run pays for the exports.
+    cmd = [sys.executable, "-m", "offramp.bench.edge_step", "--json", str(target), "--threads", "1", "--exit-layers",
+           *[str(k) for k in cfg.exit_layers], "--steps", "20" if cfg.quick else "100",
+           "--out", str(offramp_home() / "bench-edge-step")]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=one_thread_env())
+        (out / "edge_step.log").write_text(proc.stdout + proc.stderr)
+        if proc.returncode == 0 and target.exists():
+            return {"source": "offramp bench edge-step", **json.loads(target.read_text())}
+        note = f"offramp bench edge-step exited {proc.returncode} (see edge_step.log)"
+    except subprocess.TimeoutExpired:
+        note = "offramp bench edge-step timed out"
     return {"source": "bench fallback (torch step only)", "note": note, **_torch_step(edge, cfg)}
 
 
@@ -529,16 +522,10 @@ def _torch_step(edge: Edge, cfg: BenchConfig) -> dict:
     return {"rows": rows}
 
 
-def _one_thread_env() -> dict:
-    from bench_procs import one_thread_env
-
-    return one_thread_env()
-
-
 # --------------------------------------------------------------------------------------------------- main
 
 
-async def run_bench(cfg: BenchConfig, out: Path) -> dict:
+async def run_bench(cfg: BenchConfig, out: Path, command: str = "offramp bench compare") -> dict:
     t_start = time.perf_counter()
     load_start = os.getloadavg()
     edge = Edge(cfg)
@@ -598,7 +585,7 @@ async def run_bench(cfg: BenchConfig, out: Path) -> dict:
     results = {
         "meta": {
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "command": " ".join(["scripts/bench", *sys.argv[1:]]),
+            "command": command,
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
             "prompts": [{"id": p.prompt_id, "source": p.source, "text": p.text, "tokens": len(p.input_ids)} for p in prompts],
             "prompt_origin": origin,
@@ -624,13 +611,13 @@ async def run_bench(cfg: BenchConfig, out: Path) -> dict:
 
 def _git_rev() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, timeout=10).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return ""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="offramp bench compare", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a small version of everything (under 3 minutes here)")
     p.add_argument("--model", default=None)
     p.add_argument("--prompts", type=int, default=None, help="held-out prompts (half chat, half plain)")
@@ -686,10 +673,11 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     cfg = config_from_args(build_parser().parse_args(argv))
     out = cfg.out_root / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    results = asyncio.run(run_bench(cfg, out))
+    results = asyncio.run(run_bench(cfg, out, shlex.join(["offramp", "bench", "compare", *argv])))
     (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
     bench_report.write_report(results, out)
     print(f"[bench] wrote {out}/results.json, report.md and plots in {results['meta']['elapsed_s']:.0f} s")

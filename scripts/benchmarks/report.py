@@ -1,10 +1,11 @@
 """report.md and the PNG plots, from results.json alone (so a report can be re-made from old results).
 
-`python scripts/bench_report.py bench-results/<timestamp>` rewrites report.md and the plots of that run.
+`offramp bench report bench-results/<timestamp>` rewrites report.md and the plots of that run.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -127,7 +128,7 @@ def write_report(results: dict, out: Path) -> None:
         *[f"Note: {n}" for n in meta.get("notes", [])],
         f"**Cloud and edge share this machine's {meta['cpu_count']} CPU cores** (one intra-op thread per process, "
         f"for every mode); other work on the machine: load average {meta['loadavg_start'][0]:.1f} at start, "
-        f"{meta['loadavg_end'][0]:.1f} at the end" + _load_samples(meta) + ". Links emulated in user space (shared/link_emulator.py).",
+        f"{meta['loadavg_end'][0]:.1f} at the end" + _load_samples(meta) + ". Links emulated in user space (offramp.bench.link_emulator).",
         f"Agreement is {meta['agreement_definition']}; exact = share of prompts whose whole output is the full model's greedy output.",
         "Ratios (×) are against cloud-only on the same profile in this run, per generated token; bytes are wire bytes",
         "through the emulator. Cloud layer-tokens count every position the cloud ran (prompt catch-up and re-uploads",
@@ -139,7 +140,7 @@ def write_report(results: dict, out: Path) -> None:
         "draft tokens kept, round trips that threw drafts away, lossless drafts the full model rejected.",
         "`draft ok @esc`: how often the exit head's own argmax was right at escalated positions; `speculative est. ×`: a",
         "*model*, not a measurement — this run's edge steps and round trips replayed as if the edge kept drafting during",
-        "escalations and rolled back on disagreement (same output); see `simulate_timeline` in scripts/bench_modes.py.",
+        "escalations and rolled back on disagreement (same output); see `simulate_timeline` in offramp.bench.modes.",
         "",
         "## Summary: best collaborative setting at ≥ 98% agreement",
         "",
@@ -235,7 +236,14 @@ def _save(fig, path: Path, plt) -> Path:
     return path
 
 
-if __name__ == "__main__":
-    run_dir = Path(sys.argv[1])
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="offramp bench report", description=__doc__.split("\n")[0])
+    p.add_argument("run_dir", type=Path, help="a run of the bench: bench-results/<timestamp> (holds results.json)")
+    run_dir = p.parse_args(argv).run_dir
     write_report(json.loads((run_dir / "results.json").read_text()), run_dir)
     print(f"wrote {run_dir / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
