@@ -74,6 +74,23 @@ def test_session_cap() -> None:
     cm.open("c")
 
 
+def test_sessions_the_budget_or_the_ttl_evicted_no_longer_count_against_their_owner() -> None:
+    """Issue 14, defect 1 (its eviction half): the per-client limit counted a side map that only Close emptied, so
+    sessions evicted under the budget or expired stayed counted and locked their token out."""
+    now = [0.0]
+    cm = ContextManager(budget_bytes=2 * 1280, ttl_s=5.0, clock=lambda: now[0])
+    for sid in ("a", "b"):
+        fill(cm, cm.open(sid, owner="alice", per_owner_limit=2), 10)
+    with pytest.raises(SessionLimitError, match="per-client limit"):
+        cm.open("c", owner="alice", per_owner_limit=2)
+    fill(cm, cm.open("x", owner="bob"), 10)  # the budget evicts alice's oldest
+    assert "a" not in cm and cm.count("alice") == 1
+    fill(cm, cm.open("c", owner="alice", per_owner_limit=2), 1)
+    now[0] = 10.0  # every session idles past the TTL
+    assert [cm.open(sid, owner="alice", per_owner_limit=2).session_id for sid in ("d", "e")] == ["d", "e"]
+    assert sorted(ctx.session_id for ctx in cm.sessions()) == ["d", "e"]
+
+
 def test_truncate_drops_later_positions() -> None:
     cm = ContextManager()
     ctx = cm.open("s")
