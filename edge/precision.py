@@ -18,7 +18,7 @@ def resolve_precision(precision: str, cloud: str, available: Sequence[str] = PRE
     What the cloud continues from is the layer-K state, so collaboration takes the graph whose states equal fp32's:
     q4 stores the layers' weights losslessly where the checkpoint already lies on a 4-bit block grid (the default
     model) and multiplies in fp32; a weight off the grid stays fp32, so q4 is never less faithful than fp32. On
-    the default model at K=15 (teacher-forced, 6,946 held-out positions, `scripts/bench_edge_step.py --accuracy`)
+    the default model at K=15 (teacher-forced, 6,946 held-out positions, `offramp bench edge-step --accuracy`)
     the cloud's greedy token was kept at 100% of positions with q4 and fp32, 97.4% with int8 (int8 activations
     lose Llama's outlier channels), at 0.51x (q4) and 0.45x (int8) the fp32 graph's step time (table in
     offramp.models.quantize). Alone, the edge only needs its exit head's logits, and int8 is the fastest graph.

@@ -26,7 +26,7 @@ from offramp.models.reference_runtime import TorchEdgeRuntime
 from offramp.edge.ws_link import WebSocketCloudLink
 from offramp.models.fingerprint import edge_identity
 from offramp.models.split import EdgePart
-from offramp.shared.link_emulator import LinkEmulator, LinkProfile
+from offramp.bench.link_emulator import LinkEmulator, LinkProfile
 from tests.edge.conftest import REQUEST_TIMEOUT, DaemonProcess, http
 from tests.reliability.processes import (  # noqa: F401 (fixtures)
     K,
@@ -307,13 +307,11 @@ async def test_cloud_sigterm_mid_generation_exits_cleanly_and_the_edge_falls_bac
     link = edge_link(full_model, f"ws://127.0.0.1:{emulated_link.port}")
     tokens, sources = [], []
     exited: asyncio.Future | None = None
-    started = 0.0
     try:
         async for event in decoder(full_model, link).stream(PROMPT, DecodeOptions(max_new_tokens=400, threshold=2.0)):
             tokens.append(event.token_id)
             sources.append(event.source)
             if len(tokens) == 10:
-                started = time.monotonic()
                 live_cloud.server.proc.send_signal(signal.SIGTERM)
                 exited = asyncio.ensure_future(asyncio.to_thread(live_cloud.server.proc.wait, EXIT_BOUND_S))
             if exited is not None and not exited.done():
@@ -323,7 +321,7 @@ async def test_cloud_sigterm_mid_generation_exits_cleanly_and_the_edge_falls_bac
     finally:
         await link.aclose()
         live_cloud.kill()  # only if it hung; the next test starts a fresh one
-    assert rc == 0 and time.monotonic() - started < EXIT_BOUND_S, live_cloud.log()[-2000:]
+    assert rc == 0, live_cloud.log()[-2000:]  # proc.wait(EXIT_BOUND_S) raised if the cloud outlived its bound
     assert "offramp cloud: stopped" in live_cloud.log()
     assert len(tokens) == 400 and sources[:10] == [CLOUD] * 10
     first = sources.index(FALLBACK)
@@ -348,7 +346,7 @@ async def test_cloud_sigterm_while_the_link_is_cut_still_exits_in_bounded_time(f
     finally:
         await link.aclose()
         live_cloud.kill()  # only if it hung
-    assert rc == 0 and took < EXIT_BOUND_S, live_cloud.log()[-2000:]
+    assert rc == 0, live_cloud.log()[-2000:]  # proc.wait(EXIT_BOUND_S) raised if the cloud outlived its bound
     assert len(tokens) == 200 and sources[:10] == [CLOUD] * 10 and set(sources[10:]) == {FALLBACK}
     print(f"cloud exited {took:.1f} s after SIGTERM behind a cut link")
 
