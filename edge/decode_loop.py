@@ -46,10 +46,22 @@ from offramp.shared.sampling import (
 )
 
 EDGE, CLOUD, FALLBACK = "edge", "cloud", "edge-fallback"
+FULL_MODEL, EXIT_HEAD = "full_model", "exit_head"  # whose log-probs a token reports
 CATCH_UP_MODES = ("lazy", "eager")
 MAX_RESYNCS = 8  # consecutive re-uploads without progress before the cloud counts as unavailable
 
 Confidence = Callable[[np.ndarray, np.ndarray], float]
+
+
+def head_logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]] | None]:
+    """The exit head's log-prob (temperature 1, as the cloud reports the full model's) of `token`, and its `top`
+    best alternatives when asked: what an edge-decided token reports under OpenAI's `logprobs`."""
+    logp = log_softmax(logits)
+    if top <= 0:
+        return float(logp[token]), None
+    best = np.argpartition(-logp, top - 1)[:top] if top < logp.shape[0] else np.arange(logp.shape[0])
+    best = best[np.argsort(-logp[best], kind="stable")]
+    return float(logp[token]), [(int(i), float(logp[i])) for i in best]
 
 
 def max_prob_confidence(logits: np.ndarray, hidden: np.ndarray) -> float:
@@ -90,7 +102,8 @@ class TokenEvent:
     source: str
     position: int  # position of this token in the sequence (prompt positions come first)
     logprob: float | None = None  # the full model's (cloud-decided) or the exit head's (edge-decided) log-prob
-    top_logprobs: list[tuple[int, float]] | None = None
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, log-prob), best first, when asked for
+    logprob_source: str | None = None  # FULL_MODEL or EXIT_HEAD: whose log-probs these are
 
 
 @dataclass
@@ -252,7 +265,7 @@ class _Run:
         self.rows: list[np.ndarray] = []
         self.conf: dict[int, float] = {}  # position -> confidence of its draft
         self.q: dict[int, SparseDistribution] = {}  # sampled drafts: the edge's q
-        self.head_logprob: dict[int, float] = {}  # position -> the exit head's log-prob of its token
+        self.head_logprob: dict[int, tuple[float, list[tuple[int, float]] | None]] = {}  # position -> the exit head's (log-prob, top)
         self.cloud_logprob: dict[int, tuple[float, list[tuple[int, float]] | None]] = {}
         self.decided_by: dict[int, str] = {}  # position -> CLOUD for cloud-confirmed tokens
         self.final = self.prompt_len
@@ -387,7 +400,7 @@ class _Run:
             q = draft_distribution(logits, options.sampling)
             token = draw_draft(q, position_uniforms(self.seed, position).draft)
             self.q[position] = q
-        self.head_logprob[position] = float(log_softmax(logits)[token])
+        self.head_logprob[position] = head_logprobs(logits, token, options.top_logprobs)
         self.tokens.append(token)
 
     # -- final tokens and events -------------------------------------------------------------------------------
@@ -424,10 +437,12 @@ class _Run:
         if s.tokens == 1:
             s.ttft_s = time.perf_counter() - self.started
         if source == CLOUD and position in self.cloud_logprob:
-            logprob, top = self.cloud_logprob[position]
-        else:
-            logprob, top = self.head_logprob.get(position), None
-        return TokenEvent(self.tokens[position], source, position, logprob, top)
+            (logprob, top), whose = self.cloud_logprob[position], FULL_MODEL
+        elif position in self.head_logprob:
+            (logprob, top), whose = self.head_logprob[position], EXIT_HEAD
+        else:  # a cloud token from a cloud that sent no log-probs
+            logprob, top, whose = None, None, None
+        return TokenEvent(self.tokens[position], source, position, logprob, top, whose)
 
     # -- requests ----------------------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from offramp.edge.decode_loop import CollaborativeDecoder, DecodeOptions, GenerationStats
+from offramp.edge.decode_loop import CollaborativeDecoder, DecodeOptions, GenerationStats, TokenEvent
 from offramp.edge.request_link import RequestLink
 from offramp.edge.text import TextAssembler
 from offramp.shared.sampling import SamplingParams
@@ -32,6 +32,21 @@ class TextRequest:
     top_logprobs: int = 0  # alternatives per token to report (the cloud's where it decided)
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-prob and best alternatives (token id, log-prob), and whose they are: the full
+    model's (FULL_MODEL, where the cloud decided) or the exit head's (EXIT_HEAD, where the edge did)."""
+
+    token_id: int
+    logprob: float | None
+    top: list[tuple[int, float]]
+    source: str | None
+
+    @classmethod
+    def of(cls, event: TokenEvent) -> "TokenLogprob":
+        return cls(event.token_id, event.logprob, event.top_logprobs or [], event.logprob_source)
+
+
 @dataclass
 class TextDelta:
     """A piece of text and the tokens decided since the previous piece (text may lag tokens by a character)."""
@@ -39,6 +54,7 @@ class TextDelta:
     text: str
     token_ids: list[int]
     sources: list[str]
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id
 
 
 @dataclass
@@ -50,6 +66,7 @@ class TextResult:
     prompt_tokens: int
     mode: str  # edge-standalone | collaborative
     stats: GenerationStats
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id
 
     @property
     def completion_tokens(self) -> int:
@@ -94,32 +111,31 @@ class TextStream:
     async def _run(self) -> AsyncIterator[TextDelta]:
         req, service = self.request, self.service
         self._events = self.decoder.stream(req.prompt_ids, service.decode_options(req))
-        token_ids: list[int] = []
-        sources: list[str] = []
-        pending_ids: list[int] = []
-        pending_sources: list[str] = []
+        done = TextDelta("", [], [])  # every token so far
+        pending = TextDelta("", [], [])  # the tokens since the last piece of text
         finish = "length"
         try:
             async for event in self._events:
-                token_ids.append(event.token_id)
-                sources.append(event.source)
-                pending_ids.append(event.token_id)
-                pending_sources.append(event.source)
+                for delta in (done, pending):
+                    delta.token_ids.append(event.token_id)
+                    delta.sources.append(event.source)
+                    delta.logprobs.append(TokenLogprob.of(event))
                 piece = self.assembler.add(event.token_id)
                 if event.token_id in service.stop_ids or self.assembler.stopped:
                     finish = "stop"
                 if self.assembler.stopped:
                     break
                 if piece:
-                    yield TextDelta(piece, pending_ids, pending_sources)
-                    pending_ids, pending_sources = [], []
+                    yield TextDelta(piece, pending.token_ids, pending.sources, pending.logprobs)
+                    pending = TextDelta("", [], [])
             await self._events.aclose()  # runs the decoder's finally: stats complete, cloud session closed
             tail = self.assembler.finish()
             self.result = TextResult(
-                self.assembler.text, token_ids, sources, finish, len(req.prompt_ids), self.decoder.mode, self.decoder.stats
+                self.assembler.text, done.token_ids, done.sources, finish, len(req.prompt_ids), self.decoder.mode,
+                self.decoder.stats, done.logprobs,
             )
-            if tail or pending_ids:
-                yield TextDelta(tail, pending_ids, pending_sources)
+            if tail or pending.token_ids:
+                yield TextDelta(tail, pending.token_ids, pending.sources, pending.logprobs)
         except GeneratorExit:
             raise
         except BaseException:

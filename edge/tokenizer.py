@@ -27,6 +27,17 @@ TEMPLATE_FILE = "chat_template.jinja"
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
+def _byte_level_symbols() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, symbol -> byte: printable bytes stand for themselves, the others are shifted
+    past 255 (so a space is 'Ġ')."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(shifted)}}
+
+
+_BYTE_OF_SYMBOL = _byte_level_symbols()
+
+
 class ChatTemplateError(OfframpError, ValueError):
     """The messages cannot be rendered: no chat template, or the template refused them (`raise_exception`)."""
 
@@ -138,6 +149,25 @@ class EdgeTokenizer:
                                   (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
                 text = text.replace(before, after)
         return text
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's own bytes (what OpenAI's logprobs report): a byte-level BPE token may hold part of a UTF-8
+        character, which decoding it alone would turn into U+FFFD, so its symbols are mapped back to bytes."""
+        piece = self.backend.id_to_token(token_id)
+        if piece is None:
+            raise ValueError(f"token id {token_id} is outside the vocabulary ({self.backend.get_vocab_size(True)} tokens)")
+        if self._byte_level and token_id not in self._added_ids and all(ch in _BYTE_OF_SYMBOL for ch in piece):
+            return bytes(_BYTE_OF_SYMBOL[ch] for ch in piece)
+        return self.backend.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+    @cached_property
+    def _byte_level(self) -> bool:
+        return type(self.backend.decoder).__name__ == "ByteLevel"
+
+    @cached_property
+    def _added_ids(self) -> frozenset[int]:
+        """Added (special) tokens are stored as their text, not in the byte-level alphabet."""
+        return frozenset(self.backend.get_added_tokens_decoder())
 
     def get_vocab(self) -> dict[str, int]:
         return self.backend.get_vocab(with_added_tokens=True)

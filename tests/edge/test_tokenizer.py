@@ -84,3 +84,17 @@ def test_bos_post_processor_and_template_helpers_match_transformers(tmp_path) ->
     with pytest.raises(ChatTemplateError, match="no tools here"):
         edge.encode_chat([{"role": "tool", "content": "w1"}])
     assert edge.eos_token_id == 1 and stop_token_ids(edge) == (1,)
+
+
+@pytest.mark.slow
+def test_token_bytes_are_each_tokens_own_bytes(default_model, tmp_path) -> None:
+    """What OpenAI's logprobs report as a token's bytes: they join into the text's UTF-8 even where one token holds
+    part of a character (decoding that token alone gives U+FFFD); special tokens are their text."""
+    _, edge = pair(default_model[1], tmp_path)
+    for text in ["naïve café — 東京 🚀 done", "  spaces\n\nand\ttabs", "<|im_end|> typed"]:
+        ids = edge.encode(text, add_special_tokens=False)
+        assert b"".join(edge.token_bytes(i) for i in ids) == text.encode()
+    split = [i for i in edge.encode("🚀", add_special_tokens=False) if "\ufffd" in edge.decode([i])]
+    assert split and all(b"\xef\xbf\xbd" not in edge.token_bytes(i) for i in split)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        edge.token_bytes(10**7)
