@@ -36,8 +36,10 @@ from offramp.edge.openai_api import (
     APIError,
     ChunkShaper,
     Limits,
+    LogprobShaper,
     chat_object,
     completion_object,
+    logprob_sources,
     new_id,
     parse_chat,
     parse_completion,
@@ -358,7 +360,10 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         raise APIError("the prompt encodes to no tokens", param="prompt", code="invalid_value")
     params = parsed.params
     max_tokens = resolve_max_tokens(params, len(prompt_ids), limits)
-    text_request = TextRequest(prompt_ids, max_tokens, SamplingParams(params.temperature, params.top_p), params.seed, params.stop)
+    text_request = TextRequest(
+        prompt_ids, max_tokens, SamplingParams(params.temperature, params.top_p), params.seed, params.stop, params.top_logprobs
+    )
+    logprobs = LogprobShaper(chat, service.tokenizer.token_bytes) if params.logprobs else None
     try:
         generation = service.generate(text_request)
     except BusyError as exc:
@@ -366,8 +371,8 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     metrics.running.inc()
     try:
         if params.stream:
-            return await _stream(request, generation, chat, limits.served_model, params.include_usage)
-        return await _complete(request, generation, chat, limits.served_model)
+            return await _stream(request, generation, ChunkShaper.start(chat, limits.served_model, params.include_usage, logprobs))
+        return await _complete(request, generation, chat, limits.served_model, logprobs)
     finally:
         metrics.running.dec()
         await generation.aclose()  # frees the runtime and the cloud session whatever happened
@@ -387,9 +392,13 @@ def _client_gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
-def _offramp(generation: TextStream, result: TextResult) -> dict[str, Any]:
-    """The `offramp` statistics, from the service that ran it (still there while the daemon drains)."""
-    return result.offramp_fields(generation.service.exit_layer, generation.service.threshold)
+def _offramp(generation: TextStream, result: TextResult, logprobs: LogprobShaper | None) -> dict[str, Any]:
+    """The `offramp` statistics, from the service that ran it (still there while the daemon drains); with
+    logprobs, whose log-prob each token reports."""
+    fields = result.offramp_fields(generation.service.exit_layer, generation.service.threshold)
+    if logprobs is not None:
+        fields["logprob_sources"] = logprob_sources(result.logprobs)
+    return fields
 
 
 def _refused(exc: CloudRefusedError) -> APIError:
@@ -397,7 +406,9 @@ def _refused(exc: CloudRefusedError) -> APIError:
     return APIError(str(exc), status=502, type="server_error", code=f"cloud_{exc.code}")
 
 
-async def _complete(request: web.Request, generation: TextStream, chat: bool, model: str) -> web.StreamResponse:
+async def _complete(
+    request: web.Request, generation: TextStream, chat: bool, model: str, logprobs: LogprobShaper | None
+) -> web.StreamResponse:
     try:
         async for _ in generation:
             if _client_gone(request):
@@ -410,14 +421,14 @@ async def _complete(request: web.Request, generation: TextStream, chat: bool, mo
     assert result is not None
     rid, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
     shape = chat_object if chat else completion_object
-    return web.json_response(shape(rid, model, created, result, _offramp(generation, result)))
+    return web.json_response(shape(rid, model, created, result, _offramp(generation, result, logprobs), logprobs))
 
 
-async def _stream(request: web.Request, generation: TextStream, chat: bool, model: str, include_usage: bool) -> web.StreamResponse:
-    """Server-sent events in OpenAI's chunk format; the final chunk carries finish_reason, usage and `offramp`."""
+async def _stream(request: web.Request, generation: TextStream, shaper: ChunkShaper) -> web.StreamResponse:
+    """Server-sent events in OpenAI's chunk format; the final chunk carries finish_reason and `offramp` (and usage,
+    unless a last usage-only chunk follows it: stream_options.include_usage)."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await response.prepare(request)
-    shaper = ChunkShaper.start(chat, model)
 
     async def send(obj: dict[str, Any]) -> None:
         await response.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
@@ -429,12 +440,12 @@ async def _stream(request: web.Request, generation: TextStream, chat: bool, mode
         async for delta in generation:
             if _client_gone(request):
                 raise ConnectionResetError("client went away")
-            if delta.text:
-                await send(shaper.piece(delta.text, delta.token_ids, delta.sources))
+            if delta.text or (shaper.logprobs is not None and delta.token_ids):  # every token's log-prob, even one without text
+                await send(shaper.piece(delta))
         result = generation.result
         assert result is not None
-        await send(shaper.final(result, _offramp(generation, result)))
-        if include_usage:
+        await send(shaper.final(result, _offramp(generation, result, shaper.logprobs)))
+        if shaper.include_usage:
             await send(shaper.usage_only(result))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()

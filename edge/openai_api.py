@@ -10,15 +10,27 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from offramp.edge.text_stream import TextResult
+from offramp.edge.text_stream import TextDelta, TextResult, TokenLogprob
 from offramp.shared.errors import OfframpError
+from offramp.shared.openai_fields import UnservedFieldError, check_served_fields
+from offramp.shared.protocol import MAX_TOP_K
 
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 256
 CHAT_ROLES = {"system", "developer", "user", "assistant"}
+MESSAGE_FIELDS = frozenset({"role", "content"})  # a message's name, tool_calls, audio... are refused like top-level fields
+# The request fields each endpoint serves; any other field of OpenAI's schemas (tools, response_format, penalties,
+# logit_bias, user, ...) is refused with 400 naming it (shared/openai_fields.py).
+COMMON_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "n"})
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs", "best_of", "echo"}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
+STREAM_OPTIONS = frozenset({"include_usage"})
+
+TokenBytes = Callable[[int], bytes]  # a token id's own bytes (EdgeTokenizer.token_bytes)
 
 
 class APIError(OfframpError):
@@ -67,6 +79,9 @@ class GenerateParams:
     seed: int | None
     stream: bool
     include_usage: bool
+    logprobs: bool = False  # report each token's log-prob
+    top_logprobs: int = 0  # and this many alternatives
+    max_tokens_field: str = "max_tokens"  # the name the budget came under, for errors
 
 
 @dataclass
@@ -149,8 +164,18 @@ def _check_model(body: dict[str, Any], limits: Limits) -> str:
     return limits.served_model
 
 
-def _params(body: dict[str, Any], limits: Limits, max_tokens_names: tuple[str, ...]) -> GenerateParams:
-    max_tokens = None
+def _refuse_unserved_in(body: dict[str, Any], served: frozenset[str], where: str | None = None) -> None:
+    """A field outside `served` (in the body, or in the object at `where`) is a 400 naming it."""
+    try:
+        check_served_fields(body, served)
+    except UnservedFieldError as exc:
+        name = f"{where}.{exc.field}" if where else exc.field
+        message = str(exc).replace(f"'{exc.field}'", f"'{name}'", 1)
+        raise APIError(message, param=name, code=exc.code) from None
+
+
+def _params(body: dict[str, Any], limits: Limits, max_tokens_names: tuple[str, ...], logprobs: tuple[bool, int]) -> GenerateParams:
+    max_tokens, max_tokens_field = None, "max_tokens"
     for name in max_tokens_names:
         value = _field(body, name, (int,), "an integer")
         if value is None:
@@ -163,16 +188,8 @@ def _params(body: dict[str, Any], limits: Limits, max_tokens_names: tuple[str, .
                 param=name,
                 code="max_tokens_exceeded",
             )
-        max_tokens = value
-    n = _field(body, "n", (int,), "an integer", 1)
-    if n != 1:
-        raise APIError(f"only n=1 is supported, got n={n}", param="n", code="unsupported_value")
-    for name in ("best_of",):
-        value = _field(body, name, (int,), "an integer", 1)
-        if value != 1:
-            raise APIError(f"only {name}=1 is supported, got {value}", param=name, code="unsupported_value")
-    if _field(body, "echo", (bool,), "a boolean", False):
-        raise APIError("'echo' is not supported", param="echo", code="unsupported_value")
+        max_tokens, max_tokens_field = value, name
+    _only_one(body, "n")
     temperature = _number(body, "temperature", limits.default_temperature, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
     seed = _field(body, "seed", (int,), "an integer")
@@ -180,8 +197,25 @@ def _params(body: dict[str, Any], limits: Limits, max_tokens_names: tuple[str, .
         raise APIError(f"'seed' must be in [0, 2**63), got {seed}", param="seed", code="invalid_value")
     stream = _field(body, "stream", (bool,), "a boolean", False)
     options = _field(body, "stream_options", (dict,), "an object", {})
+    if options and not stream:
+        raise APIError("'stream_options' is only allowed with 'stream': true", param="stream_options", code="invalid_value")
+    _refuse_unserved_in(options, STREAM_OPTIONS, "stream_options")
     include_usage = _field(options, "include_usage", (bool,), "a boolean", False)
-    return GenerateParams(max_tokens, temperature, top_p, _stop(body), seed, stream, include_usage)
+    return GenerateParams(max_tokens, temperature, top_p, _stop(body), seed, stream, include_usage, *logprobs, max_tokens_field)
+
+
+def _only_one(body: dict[str, Any], name: str) -> None:
+    """`n` and `best_of`: one choice per request."""
+    value = _field(body, name, (int,), "an integer", 1)
+    if value != 1:
+        raise APIError(f"only {name}=1 is supported, got {name}={value}", param=name, code="unsupported_value")
+
+
+def _top_count(body: dict[str, Any], name: str) -> int | None:
+    value = _field(body, name, (int,), "an integer")
+    if value is not None and not 0 <= value <= MAX_TOP_K:
+        raise APIError(f"'{name}' must be in 0..{MAX_TOP_K}, got {value}", param=name, code="invalid_value")
+    return value
 
 
 def _stop(body: dict[str, Any]) -> tuple[str, ...]:
@@ -201,6 +235,7 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
 
 def parse_completion(body: dict[str, Any], limits: Limits, vocab_size: int) -> CompletionRequest:
     """POST /v1/completions: `prompt` is a string, a one-string array, or an array of token ids."""
+    _refuse_unserved_in(body, COMPLETION_FIELDS)
     model = _check_model(body, limits)
     if "prompt" not in body or body["prompt"] is None:
         raise APIError("'prompt' is required", param="prompt", code="missing_field")
@@ -221,11 +256,16 @@ def parse_completion(body: dict[str, Any], limits: Limits, vocab_size: int) -> C
         raise APIError(f"'prompt' must be a string or an array of token ids, got {_json_type(prompt)}", param="prompt", code="invalid_type")
     if prompt == "":
         raise APIError("'prompt' is empty", param="prompt", code="invalid_value")
-    return CompletionRequest(model, prompt, _params(body, limits, ("max_tokens",)))
+    _only_one(body, "best_of")
+    if _field(body, "echo", (bool,), "a boolean", False):
+        raise APIError("'echo' is not supported", param="echo", code="unsupported_value")
+    top = _top_count(body, "logprobs")  # completions: the number of alternatives; 0 = the chosen token's only
+    return CompletionRequest(model, prompt, _params(body, limits, ("max_tokens",), (top is not None, top or 0)))
 
 
 def parse_chat(body: dict[str, Any], limits: Limits) -> ChatRequest:
     """POST /v1/chat/completions: text messages (string content or text parts) with system/user/assistant roles."""
+    _refuse_unserved_in(body, CHAT_FIELDS)
     model = _check_model(body, limits)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -237,11 +277,16 @@ def parse_chat(body: dict[str, Any], limits: Limits) -> ChatRequest:
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise APIError(f"{where} must be an object, got {_json_type(message)}", param=where, code="invalid_type")
+        _refuse_unserved_in(message, MESSAGE_FIELDS, where)
         role = message.get("role")
         if role not in CHAT_ROLES:
             raise APIError(f"{where}.role must be one of {sorted(CHAT_ROLES)}, got {role!r}", param=f"{where}.role", code="invalid_value")
         clean.append({"role": "system" if role == "developer" else role, "content": _content(message.get("content"), where)})
-    return ChatRequest(model, clean, _params(body, limits, ("max_tokens", "max_completion_tokens")))
+    logprobs = _field(body, "logprobs", (bool,), "a boolean", False)
+    top = _top_count(body, "top_logprobs")
+    if top is not None and not logprobs:
+        raise APIError("'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
+    return ChatRequest(model, clean, _params(body, limits, ("max_tokens", "max_completion_tokens"), (logprobs, top or 0)))
 
 
 def _content(content: Any, where: str) -> str:
@@ -273,9 +318,9 @@ def resolve_max_tokens(params: GenerateParams, prompt_tokens: int, limits: Limit
         return min(limits.default_max_tokens, room)
     if params.max_tokens > room:
         raise APIError(
-            f"the prompt ({prompt_tokens} tokens) plus max_tokens ({params.max_tokens}) exceed the context length "
+            f"the prompt ({prompt_tokens} tokens) plus {params.max_tokens_field} ({params.max_tokens}) exceed the context length "
             f"{limits.context_length}",
-            param="max_tokens",
+            param=params.max_tokens_field,
             code="context_length_exceeded",
         )
     return params.max_tokens
@@ -296,19 +341,62 @@ def usage(result: TextResult) -> dict[str, int]:
     }
 
 
-def completion_object(rid: str, model: str, created: int, result: TextResult, offramp: dict[str, Any]) -> dict[str, Any]:
+@dataclass
+class LogprobShaper:
+    """Renders tokens' log-probs in the endpoint's OpenAI shape: chat's `{"content": [...]}` entries with bytes and
+    top alternatives, or completions' parallel `tokens` / `token_logprobs` / `top_logprobs` / `text_offset` lists.
+    `offset` carries completions' text offsets across the chunks of a stream."""
+
+    chat: bool
+    token_bytes: TokenBytes
+    offset: int = 0
+
+    def render(self, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+        return self._chat(logprobs) if self.chat else self._completion(logprobs)
+
+    def _entry(self, token_id: int, logprob: float | None) -> dict[str, Any]:
+        raw = self.token_bytes(token_id)
+        return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
+
+    def _chat(self, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+        content = [{**self._entry(lp.token_id, lp.logprob), "top_logprobs": [self._entry(i, v) for i, v in lp.top]} for lp in logprobs]
+        return {"content": content, "refusal": None}
+
+    def _completion(self, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+        text = lambda token_id: self.token_bytes(token_id).decode("utf-8", "replace")  # noqa: E731
+        tokens, offsets = [], []
+        for lp in logprobs:
+            tokens.append(text(lp.token_id))
+            offsets.append(self.offset)
+            self.offset += len(tokens[-1])
+        # OpenAI: the alternatives "as well as the chosen token", so up to logprobs + 1 entries
+        top = [{**{text(i): v for i, v in lp.top}, text(lp.token_id): lp.logprob} for lp in logprobs]
+        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs], "top_logprobs": top, "text_offset": offsets}
+
+
+def logprob_sources(logprobs: list[TokenLogprob]) -> list[str | None]:
+    """For the `offramp` field: whose log-prob each token reports (full_model where the cloud decided, exit_head
+    where the edge did)."""
+    return [lp.source for lp in logprobs]
+
+
+def completion_object(
+    rid: str, model: str, created: int, result: TextResult, offramp: dict[str, Any], logprobs: LogprobShaper | None = None
+) -> dict[str, Any]:
     return {
         "id": rid,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason}],
+        "choices": [{"index": 0, "text": result.text, "logprobs": _logprobs(logprobs, result.logprobs), "finish_reason": result.finish_reason}],
         "usage": usage(result),
         "offramp": offramp,
     }
 
 
-def chat_object(rid: str, model: str, created: int, result: TextResult, offramp: dict[str, Any]) -> dict[str, Any]:
+def chat_object(
+    rid: str, model: str, created: int, result: TextResult, offramp: dict[str, Any], logprobs: LogprobShaper | None = None
+) -> dict[str, Any]:
     return {
         "id": rid,
         "object": "chat.completion",
@@ -318,7 +406,7 @@ def chat_object(rid: str, model: str, created: int, result: TextResult, offramp:
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": result.text},
-                "logprobs": None,
+                "logprobs": _logprobs(logprobs, result.logprobs),
                 "finish_reason": result.finish_reason,
             }
         ],
@@ -327,22 +415,33 @@ def chat_object(rid: str, model: str, created: int, result: TextResult, offramp:
     }
 
 
+def _logprobs(shaper: LogprobShaper | None, logprobs: list[TokenLogprob]) -> dict[str, Any] | None:
+    return shaper.render(logprobs) if shaper is not None else None
+
+
 @dataclass
 class ChunkShaper:
-    """Builds the stream's chunks for one request (`chat.completion.chunk` or `text_completion`)."""
+    """Builds the stream's chunks for one request (`chat.completion.chunk` or `text_completion`).
+
+    With `include_usage`, as OpenAI does, every chunk carries `"usage": null` and only the last one, whose
+    choices are empty, the counts; without it the finishing chunk carries them (an extension, as `offramp` is).
+    A client that adds up every chunk's usage (langchain does) thus counts each token once either way."""
 
     chat: bool
     rid: str
     model: str
     created: int
+    include_usage: bool = False
+    logprobs: LogprobShaper | None = None
 
     @classmethod
-    def start(cls, chat: bool, model: str) -> "ChunkShaper":
-        return cls(chat, new_id("chatcmpl" if chat else "cmpl"), model, int(time.time()))
+    def start(cls, chat: bool, model: str, include_usage: bool = False, logprobs: LogprobShaper | None = None) -> "ChunkShaper":
+        return cls(chat, new_id("chatcmpl" if chat else "cmpl"), model, int(time.time()), include_usage, logprobs)
 
     def _chunk(self, choice: dict[str, Any], **extra: Any) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return {"id": self.rid, "object": obj, "created": self.created, "model": self.model, "choices": [choice], **extra}
+        usage_field = {"usage": None} if self.include_usage else {}
+        return {"id": self.rid, "object": obj, "created": self.created, "model": self.model, "choices": [choice], **usage_field, **extra}
 
     def first(self) -> dict[str, Any] | None:
         """Chat streams open with the assistant role (OpenAI does); completions have nothing to open with."""
@@ -350,18 +449,23 @@ class ChunkShaper:
             return None
         return self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
 
-    def piece(self, text: str, token_ids: list[int], sources: list[str]) -> dict[str, Any]:
-        extra = {"offramp": {"token_ids": token_ids, "sources": sources}}
+    def piece(self, delta: TextDelta) -> dict[str, Any]:
+        offramp: dict[str, Any] = {"token_ids": delta.token_ids, "sources": delta.sources}
+        if self.logprobs is not None:
+            offramp["logprob_sources"] = logprob_sources(delta.logprobs)
+        logprobs = _logprobs(self.logprobs, delta.logprobs)
         if self.chat:
-            return self._chunk({"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}, **extra)
-        return self._chunk({"index": 0, "text": text, "logprobs": None, "finish_reason": None}, **extra)
+            return self._chunk({"index": 0, "delta": {"content": delta.text}, "logprobs": logprobs, "finish_reason": None}, offramp=offramp)
+        return self._chunk({"index": 0, "text": delta.text, "logprobs": logprobs, "finish_reason": None}, offramp=offramp)
 
     def final(self, result: TextResult, offramp: dict[str, Any]) -> dict[str, Any]:
-        """The last chunk: finish_reason, usage and the request's offramp statistics."""
+        """The finishing chunk: finish_reason, the request's offramp statistics and (without include_usage) usage."""
         if self.chat:
             choice = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": result.finish_reason}
         else:
             choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": result.finish_reason}
+        if self.include_usage:
+            return self._chunk(choice, offramp=offramp)
         return self._chunk(choice, usage=usage(result), offramp=offramp)
 
     def usage_only(self, result: TextResult) -> dict[str, Any]:
