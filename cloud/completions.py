@@ -2,8 +2,10 @@
 
 It decodes through the same engine code and batcher as edge sessions (a `CloudPart` holding every layer), so
 cloud-only and collaborative requests are served alike and the baseline is as strong as the cloud can make it.
-OpenAI-shaped: text or token-id prompt, `max_tokens`, `temperature`, `top_p`, `seed`, `stream` (SSE chunks
-ending with `data: [DONE]`); each choice also carries `token_ids` so a benchmark can compare tokens exactly.
+OpenAI-shaped: text or token-id prompt, `model`, `max_tokens`, `temperature`, `top_p`, `seed`, `stream` (SSE
+chunks ending with `data: [DONE]`); each choice also carries `token_ids` so a benchmark can compare tokens exactly.
+Every other field (stop, logprobs, penalties, ...) is refused with 400 naming it, never ignored: this endpoint is
+a measuring baseline, and the edge daemon is the full OpenAI surface.
 At most `max_sessions` completions run at once; one more is answered 429 (`too_many_sessions`).
 """
 
@@ -20,6 +22,7 @@ import torch
 from aiohttp import web
 
 from offramp.shared.contract import ContextMismatchError, ExtendRequest
+from offramp.shared.openai_fields import UnservedFieldError, check_served_fields
 from offramp.shared.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -27,10 +30,16 @@ if TYPE_CHECKING:
 
 FULL_OWNER = "cloud-only"
 MAX_BODY_BYTES = 1 << 20  # HTTP bodies (the app's client_max_size); larger is 413
+SERVED_FIELDS = frozenset({"prompt", "model", "max_tokens", "temperature", "top_p", "seed", "stream"})
 
 
 class CompletionRequestError(ValueError):
-    """A request the endpoint refuses with 400; the message names the bad field."""
+    """A request the endpoint refuses with 400; the message names the bad field (`param`, where there is one)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
 
 
 @dataclass
@@ -45,6 +54,13 @@ class CompletionRequest:
     def parse(cls, body: Any, state: "CloudState") -> "CompletionRequest":
         if not isinstance(body, dict):
             raise CompletionRequestError("the request body must be a JSON object")
+        try:
+            check_served_fields(body, SERVED_FIELDS)
+        except UnservedFieldError as exc:
+            raise CompletionRequestError(str(exc), exc.field, exc.code) from None
+        model = body.get("model")
+        if model is not None and model not in (state.model_name, "default"):
+            raise CompletionRequestError(f"model {_short(model)} is not served here; this cloud serves {state.model_name!r}", "model", "model_not_found")
         prompt = body.get("prompt")
         if isinstance(prompt, str) and state.tokenizer is None:
             raise CompletionRequestError("this server has no tokenizer: send the prompt as token ids")
@@ -137,7 +153,7 @@ async def handle_completions(request: web.Request) -> web.StreamResponse:
     try:
         req = CompletionRequest.parse(body, state)
     except CompletionRequestError as exc:
-        return error_response(400, str(exc))
+        return error_response(400, str(exc), exc.code, exc.param)
     limit = state.config.max_sessions
     if state.completions_inflight >= limit:  # each holds a whole-model session: the same cap as edge sessions
         state.metrics.errors.labels("too_many_sessions").inc()
@@ -192,7 +208,7 @@ def _usage(req: CompletionRequest, tokens: list[int]) -> dict[str, int]:
     return {"prompt_tokens": n, "completion_tokens": len(tokens), "total_tokens": n + len(tokens)}
 
 
-def error_response(status: int, message: str, code: str | None = None) -> web.Response:
+def error_response(status: int, message: str, code: str | None = None, param: str | None = None) -> web.Response:
     """An OpenAI-shaped error body."""
     kind = {400: "invalid_request_error", 401: "authentication_error", 413: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
-    return web.json_response({"error": {"message": message, "type": kind, "param": None, "code": code}}, status=status)
+    return web.json_response({"error": {"message": message, "type": kind, "param": param, "code": code}}, status=status)

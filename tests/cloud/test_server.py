@@ -316,6 +316,26 @@ async def test_completions_endpoint_runs_the_whole_model(model) -> None:
         assert resp.status == 200 and health["exit_layer"] == 2 and health["deep_layers"] == 2
 
 
+async def test_completions_refuse_fields_they_do_not_serve_by_name(model) -> None:
+    """The baseline serves prompt, model, max_tokens, temperature, top_p, seed and stream; anything else a client
+    sends expecting an effect (stop, logprobs, penalties, tools...) is a 400 naming it, not silently ignored."""
+    base = {"prompt": PROMPTS[0], "max_tokens": 2}
+    unserved = {"stop": "\n", "logprobs": 1, "presence_penalty": 0.5, "logit_bias": {"3": 1}, "n": 2, "echo": True,
+                "stream_options": {"include_usage": True}, "tools": [{"type": "function"}], "suffix": "x", "made_up": 1}
+    async with running_cloud(model) as cloud, aiohttp.ClientSession() as http:
+        url = cloud.http_url + "/v1/completions"
+        for name, value in unserved.items():
+            async with http.post(url, json={**base, name: value}) as resp:
+                error = (await resp.json())["error"]
+            assert resp.status == 400 and error["param"] == name and f"'{name}'" in error["message"], (name, error)
+            assert error["code"] in ("unsupported_field", "unsupported_value") and error["type"] == "invalid_request_error"
+        async with http.post(url, json={**base, "model": "gpt-4"}) as resp:
+            assert resp.status == 400 and (await resp.json())["error"]["code"] == "model_not_found"
+        neutral = {**base, "model": "default", "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "stop": None}
+        async with http.post(url, json=neutral) as resp:
+            assert resp.status == 200 and len((await resp.json())["choices"][0]["token_ids"]) == 2
+
+
 async def test_sampling_over_the_network_is_reproducible(model, edge_runtime) -> None:
     async with running_cloud(model) as cloud:
         link = cloud.link("fp32")
