@@ -5,13 +5,16 @@ link emulator (its own process, profile switched through its control port), and 
 prompts:
 - cloud-only: the prompt goes up, the cloud's full model streams tokens back (`POST /v1/completions`);
 - edge-only: layers 0..K-1 + exit head, no cloud (no network; measured once, shown with every profile);
-- collaborative: the real decode loop with a `WebSocketCloudLink`, at several thresholds, exit layers, codecs,
-  edge precisions and decode loops (plain, drafting while an escalation is in flight, eager catch-up, lossless).
+- collaborative: the real decode loop with a `WebSocketCloudLink`: the headline (lossless with every default at
+  each exit layer K <= N/2, and exit mode at the calibrated threshold), then a grid of thresholds, codecs, edge
+  precisions, fixed speculation depths and exit-mode catch-up (`BenchConfig`).
 Then the multi-client runs (N concurrent edges against one cloud vs N cloud-only clients), the edge step
 micro-benchmark, and `bench-results/<timestamp>/` with results.json, report.md and PNG plots.
 
 Conditions are identical for every mode: one intra-op thread per process, same prompts, same token budget,
-warm connections; cloud and edge share this machine's cores (the report says so, with the load average).
+warm connections. The edge (this process) and the cloud servers are pinned to different cores, as they are
+different machines in a deployment (`--no-pin` lets them share; results.json's meta says which); the link
+emulator floats. `results.json` carries `<profile>.headline` (`modes.HEADLINE_KEYS`) for the default mode at K0.
 `--cloud inprocess` runs the same modes with no network and no processes (a smoke test of the pieces).
 """
 
@@ -30,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from offramp.bench import modes as bm
-from offramp.bench.processes import CloudServer, EmulatedLink, one_thread_env
+from offramp.bench.processes import CloudServer, CorePlan, EmulatedLink, one_thread_env
 from offramp.bench import report as bench_report
 from offramp.edge.precision import resolve_precision
 from offramp.shared.exit_rule import DEFAULT_MAX_PROB_THRESHOLD
@@ -41,36 +44,37 @@ PROFILE_NAMES = ("lan", "wan", "cellular")
 
 @dataclass
 class BenchConfig:
-    """Everything one run measures; the defaults are the full bench (about 35 minutes here), `quick_config()` the
-    3-minute one. The grid is sized for that: every K at its calibrated threshold, the rest at K0 only."""
+    """Everything one run measures; the defaults are the full bench, `quick_config()` the 3-minute one.
+
+    Every profile runs the headline (`headline_settings`): the default collaborative mode (lossless, the q4 graph,
+    the default codec, the adaptive speculation controller) at each exit layer, and exit mode at K0's calibrated
+    threshold, beside cloud-only. The grid profile also runs the grid (`grid_settings`) at K0; the other profiles
+    re-run its `followup_top` best settings.
+    """
 
     model: str = "default"
     prompts: int = 16
-    max_new_tokens: int = 64
+    max_new_tokens: int = 48
     profiles: list[str] = field(default_factory=lambda: list(PROFILE_NAMES))
-    # K0 (the first) is the sweep's: the decode loops, codecs and edge precisions are compared there. At K=26 the
-    # cloud runs 4 of 30 layers, the likeliest route to the cloud-compute target.
-    exit_layers: list[int] = field(default_factory=lambda: [26, 15])
-    # Plain-loop thresholds at K0 besides its calibrated one; the other Ks run their calibrated one (else 0.9). 2.0
-    # would never exit (the split's ceiling): one round trip per token, the slowest setting, so not in the default.
+    # K <= N/2: a real split, the edge holds at most half the model. K0 (the first) is where the grid compares.
+    exit_layers: list[int] = field(default_factory=lambda: [15, 10])
+    # Exit-mode thresholds at K0 besides its calibrated one (2.0 never exits: a round trip per token).
     thresholds: list[float] = field(default_factory=lambda: [0.95])
-    codecs: list[str] = field(default_factory=lambda: ["int8o", "int8", "fp16", "fp32"])  # int8o: see shared/codecs.py
-    codec_threshold: float | None = None  # where codecs, precisions and loops run (default: K0's calibrated, else 0.9)
-    # The first is the sweep's: fp32, because int8 edge graphs' layer-K states cost agreement (edge/precision.py
-    # resolve_precision); the others run at K0 and the codec threshold. Edge-only runs the standalone int8 graph.
-    edge_precisions: list[str] = field(default_factory=lambda: ["fp32", "int8"])
-    # Decode loops (modes.LOOPS) beside the plain one, at K0 and the codec threshold; lossless also at each of
-    # `lossless_thresholds`: lower thresholds draft more tokens per round trip (and have more of them rejected).
-    loops: list[str] = field(default_factory=lambda: ["draft", "eager", "lossless"])
-    lossless_thresholds: list[float] = field(default_factory=lambda: [0.5])
-    draft_ahead: int = 8  # edge tokens drafted while an escalation is in flight, at most
-    max_draft: int = 16  # lossless: drafts verified per round trip, at most
+    codecs: list[str] = field(default_factory=lambda: ["int8o", "fp16", "fp32"])  # the first is the default; the rest run lossless at K0
+    # The first is the collaborative default (`--edge-precision auto`); the rest run lossless at K0. Edge-only runs
+    # the standalone graph (auto without a cloud).
+    edge_precisions: list[str] = field(default_factory=lambda: ["q4", "fp32", "int8"])
+    loops: list[str] = field(default_factory=lambda: ["exit-eager"])  # exit-mode loops at K0 beside the headline's `exit`
+    fixed_drafts: list[int] = field(default_factory=lambda: [4, 8])  # lossless at K0 at a fixed depth beside the controller
+    max_draft: int = 16  # lossless: drafts ahead of the last confirmed token, at most
     heads: str = "auto"  # auto: trained exit heads + calibrated rule where present; none: final-norm baseline
     cloud: str = "serve"  # serve | inprocess
     clients: list[int] = field(default_factory=lambda: [1, 4, 16, 32])
     clients_profile: str = "wan"
-    grid_profile: str = "wan"  # the full grid runs here; other profiles get cloud-only + the `followup_top` best settings
+    grid_profile: str = "wan"  # the grid runs here; other profiles get the headline + the `followup_top` best settings
     followup_top: int = 2  # the fastest faithful setting of each loop first (see followup_settings); <= 0: the full grid
+    headline_only: bool = False  # the headline alone on every profile (no grid, no clients, no edge-step bench)
+    pin_cores: bool = True  # edge (this process) and cloud servers on different cores, as on different machines
     requests_per_client: int = 1
     edge_step_bench: bool = True
     out_root: Path = Path("bench-results")  # under the working directory (scripts/bench: the checkout)
@@ -78,30 +82,42 @@ class BenchConfig:
 
     @classmethod
     def quick_config(cls) -> "BenchConfig":
-        return cls(prompts=4, max_new_tokens=24, profiles=["wan"], exit_layers=[26], thresholds=[], codecs=["int8o"],
-                   edge_precisions=["fp32"], loops=["draft"], clients=[1, 4], quick=True)
+        return cls(prompts=4, max_new_tokens=24, profiles=["wan"], exit_layers=[15], thresholds=[], codecs=["int8o"],
+                   edge_precisions=["q4"], loops=[], fixed_drafts=[], clients=[1, 4], quick=True)
 
-    def collaborative_settings(self, calibrated: dict[int, float] | None = None) -> list[bm.Setting]:
-        """Plain loop, first codec and precision: every K at its calibrated threshold, K0 also at every threshold; at
-        K0 and the codec threshold, the other loops, codecs and precisions; lossless at K0 and each lossless threshold."""
-        calibrated = {k: round(t, 4) for k, t in (calibrated or {}).items()}
+    def _threshold(self, k: int, calibrated: dict[int, float]) -> float:
+        return round(calibrated[k], 4) if k in calibrated else DEFAULT_MAX_PROB_THRESHOLD
+
+    def headline_settings(self, calibrated: dict[int, float] | None = None) -> list[bm.Setting]:
+        """Lossless with every default at each K, then exit mode (`--no-lossless`) at K0's calibrated threshold."""
+        calibrated = calibrated or {}
+        lossless = [bm.Setting.with_loop("lossless", k, self._threshold(k, calibrated), self.codecs[0],
+                                         self.edge_precisions[0], self.max_draft) for k in self.exit_layers]
         k0 = self.exit_layers[0]
-        ct = self.codec_threshold if self.codec_threshold is not None else calibrated.get(k0, DEFAULT_MAX_PROB_THRESHOLD)
+        return lossless + [bm.Setting.with_loop("exit", k0, self._threshold(k0, calibrated), self.codecs[0],
+                                                self.edge_precisions[0], self.max_draft)]
 
-        def setting(loop: str, k: int, t: float, codec: str | None = None, precision: str | None = None) -> bm.Setting:
-            return bm.Setting.with_loop(loop, k, t, codec or self.codecs[0], precision or self.edge_precisions[0],
-                                        self.draft_ahead, self.max_draft)
+    def grid_settings(self, calibrated: dict[int, float] | None = None) -> list[bm.Setting]:
+        """Beside the headline: exit mode at every threshold (K0) and each K's calibrated one, the other exit loops
+        at K0; lossless at K0 with each other codec, precision and fixed depth."""
+        calibrated = calibrated or {}
+        k0 = self.exit_layers[0]
+        t0 = self._threshold(k0, calibrated)
+        first = dict(codec=self.codecs[0], edge_precision=self.edge_precisions[0])
 
-        settings = [setting("plain", k0, ct)]
-        for k in self.exit_layers:
-            swept = set(self.thresholds) if k == k0 else set()
-            own = {calibrated[k]} if k in calibrated else (set() if swept else {DEFAULT_MAX_PROB_THRESHOLD})
-            settings += [setting("plain", k, t) for t in sorted(swept | own)]
-        settings += [setting(loop, k0, ct) for loop in self.loops]
-        settings += [setting("lossless", k0, t) for t in self.lossless_thresholds]
-        settings += [setting("plain", k0, ct, codec=c) for c in self.codecs[1:]]
-        settings += [setting("plain", k0, ct, precision=p) for p in self.edge_precisions[1:]]
-        return list(dict.fromkeys(settings))
+        def setting(loop: str, k: int = k0, t: float = t0, codec: str | None = None, precision: str | None = None,
+                    fixed: int = 0) -> bm.Setting:
+            return bm.Setting.with_loop(loop, k, t, codec or first["codec"], precision or first["edge_precision"],
+                                        self.max_draft, fixed)
+
+        settings = [setting("exit", t=t) for t in sorted(set(self.thresholds))]
+        settings += [setting("exit", k, self._threshold(k, calibrated)) for k in self.exit_layers[1:]]
+        settings += [setting(loop) for loop in self.loops]
+        settings += [setting("lossless", codec=c) for c in self.codecs[1:]]
+        settings += [setting("lossless", precision=p) for p in self.edge_precisions[1:]]
+        settings += [setting("lossless", fixed=n) for n in self.fixed_drafts if n <= self.max_draft]
+        headline = set(self.headline_settings(calibrated))
+        return [s for s in dict.fromkeys(settings) if s not in headline]
 
 
 # --------------------------------------------------------------------------------------------------- the edge side
@@ -182,7 +198,8 @@ class Edge:
         config = EdgeConfig(
             edge=self._dirs.get(setting.exit_layer) or self.edge_dir(setting.exit_layer), precision=setting.edge_precision,
             cloud=cloud, codec=setting.codec if cloud != "none" else "fp32", threshold=setting.threshold, max_sessions=1,
-            workers=1, edge_threads=1, catch_up=setting.catch_up, lossless=setting.lossless, max_draft=setting.depth,
+            workers=1, edge_threads=1, catch_up=setting.catch_up, lossless=setting.lossless, max_draft=setting.max_draft,
+            fixed_draft=setting.fixed_draft,
         )
         service = EdgeService.open(config, loaded=(self.model, self.tokenizer), wrap_runtime=bm.TimedRuntime,
                                    wrap_link=lambda link: bm.CountingLink(link, record=record))
@@ -235,9 +252,10 @@ class ServedBackend:
 
     name = "offramp cloud serve"
 
-    def __init__(self, edge: Edge, cfg: BenchConfig, out: Path) -> None:
+    def __init__(self, edge: Edge, cfg: BenchConfig, out: Path, cores: CorePlan | None = None) -> None:
         self.edge, self.cfg = edge, cfg
-        self.servers = {k: CloudServer(cfg.model, k, log_path=out / f"cloud-k{k}.log") for k in cfg.exit_layers}
+        self.servers = {k: CloudServer(cfg.model, k, log_path=out / f"cloud-k{k}.log", cores=cores or CorePlan())
+                        for k in cfg.exit_layers}
         self.links: dict[int, EmulatedLink] = {}
         self._EmulatedLink = EmulatedLink
         self._http = None
@@ -525,13 +543,16 @@ def _torch_step(edge: Edge, cfg: BenchConfig) -> dict:
 # --------------------------------------------------------------------------------------------------- main
 
 
-async def run_bench(cfg: BenchConfig, out: Path, command: str = "offramp bench compare") -> dict:
+async def run_bench(cfg: BenchConfig, out: Path, command: str = "offramp bench compare",
+                    cores: CorePlan | None = None) -> dict:
+    """Every mode over the held-out prompts; `cores` pins the cloud servers (this process was pinned by main)."""
+    cores = cores or CorePlan()
     t_start = time.perf_counter()
     load_start = os.getloadavg()
     edge = Edge(cfg)
     prompts, origin = bm.held_out_prompts(edge.tokenizer, cfg.prompts)
     print(f"[bench] {len(prompts)} prompts ({origin}), {cfg.max_new_tokens} new tokens, out {out}", flush=True)
-    backend = InProcessBackend(edge) if cfg.cloud == "inprocess" else ServedBackend(edge, cfg, out)
+    backend = InProcessBackend(edge) if cfg.cloud == "inprocess" else ServedBackend(edge, cfg, out, cores)
     profiles = ["inprocess"] if cfg.cloud == "inprocess" else cfg.profiles
     rows: list[bm.ModeRow] = []
     traces: dict[bm.Setting, dict] = {}
@@ -547,24 +568,26 @@ async def run_bench(cfg: BenchConfig, out: Path, command: str = "offramp bench c
     try:
         for k in cfg.exit_layers:  # exit rules (and calibrated thresholds) first: they add settings
             edge.exit_setup(k)
-        grid = cfg.collaborative_settings(edge.calibrated)
-        print(f"[bench] {len(grid)} collaborative settings on {cfg.grid_profile}", flush=True)
-        # Edge-only runs what a lone edge would: the int8 graph (`--edge-precision auto` without a cloud).
+        headline = cfg.headline_settings(edge.calibrated)
+        grid = [] if cfg.headline_only else cfg.grid_settings(edge.calibrated)
+        print(f"[bench] headline: {[s.key for s in headline]}; {len(grid)} grid settings on {cfg.grid_profile}", flush=True)
+        # Edge-only runs what a lone edge would: `--edge-precision auto` without a cloud.
         standalone = resolve_precision("auto", "none")
         alone = [bm.Setting(k, 0.0, "none", standalone) for k in cfg.exit_layers]  # no link: every token exits
         for k in cfg.exit_layers:  # export every graph the settings need before any timing
-            edge.edge_dir(k, tuple(dict.fromkeys([s.edge_precision for s in grid + alone if s.exit_layer == k])))
+            edge.edge_dir(k, tuple(dict.fromkeys([s.edge_precision for s in headline + grid + alone if s.exit_layer == k])))
         mark("edge runtimes")
         edge_only = [await run_mode(backend, edge, cfg, prompts, "none", "edge-only", s) for s in alone]
         mark("edge-only")
         order = sorted(profiles, key=lambda p: p != cfg.grid_profile)  # the grid profile first
         for profile in order:
             backend.set_profile(profile)
-            settings = grid
+            settings = headline + grid
             if cfg.followup_top > 0 and profile != order[0]:
-                settings = bm.followup_settings([r for r in rows if r.profile == order[0]], cfg.followup_top)
+                grid_rows = [r for r in rows if r.profile == order[0] and r.setting() not in headline]
+                settings = headline + bm.followup_settings(grid_rows, cfg.followup_top)
             runners = [ModeRunner(backend, edge, cfg, profile, "cloud-only")]
-            for s in settings:
+            for s in dict.fromkeys(settings):
                 rec = traces.setdefault(s, {}) if profile == cfg.clients_profile else None
                 runners.append(ModeRunner(backend, edge, cfg, profile, "collaborative", s, rec))
             rows += await run_interleaved(runners, prompts)
@@ -575,12 +598,13 @@ async def run_bench(cfg: BenchConfig, out: Path, command: str = "offramp bench c
         target = best.get(cfg.clients_profile) or next(
             (r for r in rows if r.profile == cfg.clients_profile and r.mode == "collaborative"), None)
         setting = target.setting() if target is not None else None
-        clients = await run_clients(backend, edge, cfg, prompts, traces.get(setting, {}), setting)
-        mark("clients")
+        if not cfg.headline_only:
+            clients = await run_clients(backend, edge, cfg, prompts, traces.get(setting, {}), setting)
+            mark("clients")
         await backend.close()
     finally:
         backend.stop()
-    edge_step = edge_step_microbench(cfg, out, edge) if cfg.edge_step_bench else {}
+    edge_step = edge_step_microbench(cfg, out, edge) if cfg.edge_step_bench and not cfg.headline_only else {}
     mark("edge step")
     results = {
         "meta": {
@@ -595,6 +619,8 @@ async def run_bench(cfg: BenchConfig, out: Path, command: str = "offramp bench c
             "cloud": cfg.cloud if cfg.cloud == "inprocess" else backend.name, "cpu_count": os.cpu_count(), "platform": platform.platform(),
             "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "phases": phases,
             "notes": edge.notes,
+            "cores": {"edge (this process)": list(cores.edge), "cloud servers": list(cores.cloud),
+                      "link emulator": "unpinned"} if cores.edge else "not pinned (one core)",
             "git": _git_rev(), "elapsed_s": time.perf_counter() - t_start,
             "agreement_definition": "teacher-forced: share of emitted tokens equal to the full model's greedy choice after the same prefix",
         },
@@ -602,9 +628,14 @@ async def run_bench(cfg: BenchConfig, out: Path, command: str = "offramp bench c
         "edge_step": edge_step,
     }
     for profile in profiles:
+        mine = [r for r in rows if r.profile == profile]
+        lines = [r for s in headline for r in mine if r.mode == "collaborative" and r.setting() == s]
         results[profile] = {
+            # The default collaborative mode at K0 (the issue's keys), then every headline row.
+            "headline": bm.headline_of(lines[0]) if lines else None,
+            "headline_rows": [bm.headline_of(r) for r in lines],
             "summary": bm.summary_of(best.get(profile), edge.hidden_size),
-            "rows": [r.to_dict() for r in rows if r.profile == profile],
+            "rows": [r.to_dict() for r in mine],
         }
     return results
 
@@ -626,12 +657,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-layers", default=None, help="comma list; the first (K0) is where loops, codecs and precisions are compared")
     p.add_argument("--thresholds", default=None, help="comma list: plain-loop thresholds at K0 besides the calibrated one")
     p.add_argument("--codecs", default=None, help="comma list; the first is used for the threshold sweep")
-    p.add_argument("--codec-threshold", type=float, default=None, help="where K0's loops, codecs and precisions run (default: calibrated)")
-    p.add_argument("--edge-precisions", default=None, help="comma list of fp32, int8, torch; the first is the sweep's")
-    p.add_argument("--loops", default=None, help=f"comma list of decode loops beside plain, from {bm.LOOPS}")
-    p.add_argument("--lossless-thresholds", default=None, help="comma list: lossless also runs at these (K0)")
-    p.add_argument("--draft-ahead", type=int, default=None, help="draft loops: edge tokens drafted per round trip at most")
-    p.add_argument("--max-draft", type=int, default=None, help="lossless: drafts verified per round trip at most")
+    p.add_argument("--edge-precisions", default=None, help="comma list of q4, fp32, int8; the first is the headline's (the collaborative default)")
+    p.add_argument("--loops", default=None, help=f"comma list of exit-mode loops at K0 beside the headline, from {bm.LOOPS}")
+    p.add_argument("--fixed-drafts", default=None, help="comma list: lossless at K0 also at these fixed speculation depths")
+    p.add_argument("--max-draft", type=int, default=None, help="drafts ahead of the last confirmed token, at most")
+    p.add_argument("--headline-only", action="store_true", help="cloud-only + the headline settings on every profile, nothing else")
+    p.add_argument("--no-pin", action="store_true", help="let edge and cloud share every core (default: pinned apart)")
     p.add_argument("--grid-profile", default=None, help="the profile that runs every setting (default wan)")
     p.add_argument("--followup-top", type=int, default=None, help="settings the other profiles run (<= 0: all)")
     p.add_argument("--cloud", default=None, choices=["serve", "inprocess"])
@@ -650,14 +681,16 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     floats = lambda s: [float(x) for x in s.split(",") if x]  # noqa: E731
     strs = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     for name, conv in (("model", str), ("prompts", int), ("max_new_tokens", int), ("profiles", strs),
-                       ("exit_layers", ints), ("thresholds", floats), ("codecs", strs), ("codec_threshold", float),
-                       ("edge_precisions", strs), ("loops", strs), ("lossless_thresholds", floats), ("draft_ahead", int), ("max_draft", int), ("grid_profile", str), ("followup_top", int), ("heads", str), ("cloud", str), ("clients", ints), ("clients_profile", str),
+                       ("exit_layers", ints), ("thresholds", floats), ("codecs", strs),
+                       ("edge_precisions", strs), ("loops", strs), ("fixed_drafts", ints), ("max_draft", int), ("grid_profile", str), ("followup_top", int), ("heads", str), ("cloud", str), ("clients", ints), ("clients_profile", str),
                        ("requests_per_client", int)):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, conv(value))
     if args.no_edge_step:
         cfg.edge_step_bench = False
+    cfg.headline_only = cfg.headline_only or args.headline_only
+    cfg.pin_cores = cfg.pin_cores and not args.no_pin
     if args.out is not None:
         cfg.out_root = args.out
     unknown = set(cfg.profiles) - set(PROFILE_NAMES) - {"none"}
@@ -677,7 +710,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(build_parser().parse_args(argv))
     out = cfg.out_root / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    results = asyncio.run(run_bench(cfg, out, shlex.join(["offramp", "bench", "compare", *argv])))
+    cores = CorePlan.split() if cfg.pin_cores and cfg.cloud == "serve" else CorePlan()
+    cores.pin_this_process()  # before the first worker thread: the edge's step threads inherit it
+    results = asyncio.run(run_bench(cfg, out, shlex.join(["offramp", "bench", "compare", *argv]), cores))
     (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
     bench_report.write_report(results, out)
     print(f"[bench] wrote {out}/results.json, report.md and plots in {results['meta']['elapsed_s']:.0f} s")

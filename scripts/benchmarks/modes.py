@@ -125,53 +125,43 @@ class AgreementJudge:
 
 # --------------------------------------------------------------------------------------------------- settings
 
-LOOPS = ("plain", "draft", "eager", "eager+draft", "lossless")  # decode-loop variants a setting can run
+LOOPS = ("exit", "exit-eager", "lossless")  # decode-loop variants a setting can run (offramp.edge.decode_loop)
 
 
 @dataclass(frozen=True)
 class Setting:
     """One collaborative configuration: where the model is split, when the edge exits, how states are encoded,
-    and how the decode loop runs (`DecodeOptions`: catch-up, drafting while an escalation is in flight, lossless)."""
+    and how the decode loop runs (`DecodeOptions`: lossless or exit mode, catch-up, speculation depth)."""
 
     exit_layer: int
     threshold: float
     codec: str
     edge_precision: str
     catch_up: str = "lazy"
-    draft_ahead: int = 0
     lossless: bool = False
-    max_draft: int = 8  # lossless only: drafts verified per round trip
+    max_draft: int = 16  # drafts ahead of the last final token, at most (the controller adapts below it)
+    fixed_draft: int = 0  # > 0: speculate exactly this deep (no controller)
 
     @classmethod
     def with_loop(cls, loop: str, exit_layer: int, threshold: float, codec: str, edge_precision: str,
-                  draft_ahead: int = 8, max_draft: int = 8) -> "Setting":
+                  max_draft: int = 16, fixed_draft: int = 0) -> "Setting":
         """A setting from a loop name in `LOOPS`."""
         if loop not in LOOPS:
             raise ValueError(f"unknown decode loop {loop!r}; known: {LOOPS}")
-        return cls(exit_layer, threshold, codec, edge_precision, catch_up="eager" if "eager" in loop else "lazy",
-                   draft_ahead=draft_ahead if "draft" in loop else 0, lossless=loop == "lossless",
-                   max_draft=max_draft if loop == "lossless" else 8)
+        return cls(exit_layer, threshold, codec, edge_precision, catch_up="eager" if loop == "exit-eager" else "lazy",
+                   lossless=loop == "lossless", max_draft=max_draft, fixed_draft=fixed_draft)
 
     @property
     def loop(self) -> str:
-        """plain | draft<N> | eager | eager+draft<N> | lossless<N>: the loop options in one word."""
-        if self.lossless:
-            return f"lossless{self.max_draft}"
-        parts = (["eager"] if self.catch_up == "eager" else []) + ([f"draft{self.draft_ahead}"] if self.draft_ahead else [])
-        return "+".join(parts) or "plain"
+        """exit | exit-eager | lossless<max> | lossless-fixed<N> (with -fixed<N> on exit loops too): one word."""
+        base = ("lossless" if self.lossless else "exit-eager" if self.catch_up == "eager" else "exit")
+        if self.fixed_draft:
+            return f"{base}-fixed{self.fixed_draft}"
+        return f"{base}{self.max_draft}" if self.lossless else base
 
     @property
     def key(self) -> str:
         return f"K{self.exit_layer}/t{self.threshold:g}/{self.codec}/{self.edge_precision}/{self.loop}"
-
-    @property
-    def depth(self) -> int:
-        """Drafts ahead of the last final token: lossless's cap, or draft-ahead's (plain: one draft at a time)."""
-        return self.max_draft if self.lossless else max(1, self.draft_ahead)
-
-    def decode_options(self, max_new_tokens: int, stop_ids: Sequence[int]) -> DecodeOptions:
-        return DecodeOptions(max_new_tokens=max_new_tokens, threshold=self.threshold, stop_ids=list(stop_ids),
-                             catch_up=self.catch_up, lossless=self.lossless, max_draft=self.depth)
 
 
 # --------------------------------------------------------------------------------------------------- one request
@@ -186,15 +176,17 @@ class RequestResult:
     edge_exits: int = 0
     escalations: int = 0
     fallback_tokens: int = 0
-    drafted_tokens: int = 0  # draft-ahead: edge tokens decoded during a round trip and kept
-    draft_rollbacks: int = 0  # draft-ahead: round trips whose answer threw the drafts away
-    rejected_drafts: int = 0  # lossless: drafts the full model disagreed with (or that followed one)
+    drafted_tokens: int = 0  # drafts the cloud verified
+    draft_rollbacks: int = 0  # rejections: each rolled the edge back
+    rejected_drafts: int = 0  # drafts the cloud replaced (the first wrong one of a request)
+    accepted_drafts: int = 0  # drafts the cloud kept
     cloud_layer_tokens: int = 0
     full_layer_tokens: int = 0
     payload_up: int = 0  # the request's frame bytes, as the link counted them (LinkStats); wire bytes come from the proxy
     payload_down: int = 0
     positions_uploaded: int = 0
-    round_trips: int = 0
+    requests_sent: int = 0  # requests the link sent (stale ones included): what frame overhead is paid on
+    round_trips: int = 0  # requests the cloud answered with a verification or a decision (GenerationStats)
     agree: int = 0
     exact: bool = False
     error: str | None = None
@@ -304,8 +296,9 @@ async def run_request(service, prompt: BenchPrompt, max_new_tokens: int) -> Requ
     }
     return RequestResult(
         prompt.prompt_id, tokens, s.ttft_s, latency, s.edge_exits, s.escalations, s.fallback_tokens,
-        s.drafted_tokens, s.draft_rollbacks, s.rejected_drafts, s.cloud_layer_tokens, s.full_layer_tokens,
-        s.bytes_up, s.bytes_down, after[0] - before[0], after[1] - before[1], timeline=timeline,
+        s.drafted_tokens, s.draft_rollbacks, s.rejected_drafts, s.accepted_drafts, s.cloud_layer_tokens,
+        s.full_layer_tokens, s.bytes_up, s.bytes_down, after[0] - before[0], after[1] - before[1], s.round_trips,
+        timeline=timeline,
     )
 
 
@@ -363,52 +356,6 @@ async def run_cloud_only_http(
     return result
 
 
-# --------------------------------------------------------------------------------------------------- what-if model
-
-
-def simulate_timeline(tl: dict, speculative: bool) -> float:
-    """Request time rebuilt from measured edge steps and escalation round trips.
-
-    sequential: what the decode loop does today (each escalation blocks the edge for its round trip).
-    speculative: the edge keeps drafting its own argmax while an escalation is in flight, and rolls back to the
-    cloud's token when it disagrees; escalations met while drafting go out at once (several per round trip).
-    The output is the same (every draft is confirmed or replaced by the cloud's token); only time changes.
-    Edge drafting is assumed not to slow the cloud (true when the edge is its own device, not on this machine).
-    """
-    sources, agrees, steps = tl["sources"], tl["draft_agrees"], tl["step_s"]
-    rtts = list(tl["rtt_s"])
-    fallback_step = float(np.median(steps)) if steps else 0.0
-    t, last_arrival, r = tl["prefill_s"], 0.0, 0
-    for i, source in enumerate(sources):
-        if source == "cloud" and r < len(rtts):
-            arrival = t + rtts[r]
-            r += 1
-            last_arrival = max(last_arrival, arrival)
-            if not speculative or not agrees[i]:
-                t = arrival  # blocked (sequential) or rolled back to the cloud's token (a wrong draft)
-        if i < len(sources) - 1:
-            t += steps[i] if i < len(steps) else fallback_step
-    return max(t, last_arrival)
-
-
-def whatif(results: Sequence[RequestResult]) -> dict | None:
-    """Per-request speculative estimate = measured latency x (modeled speculative / modeled sequential)."""
-    rows = [r for r in results if r.error is None and r.timeline and r.escalations]
-    if not rows:
-        return None
-    esc = sum(r.escalations for r in rows)
-    agree = sum(a for r in rows for a, s in zip(r.timeline["draft_agrees"], r.timeline["sources"]) if s == "cloud")
-    seq = [simulate_timeline(r.timeline, False) for r in rows]
-    spec = [simulate_timeline(r.timeline, True) for r in rows]
-    est = [r.latency_s * (b / a if a > 0 else 1.0) for r, a, b in zip(rows, seq, spec)]
-    return {
-        "draft_agreement_at_escalations": agree / max(esc, 1),
-        "model_error_p50": percentile([a / r.latency_s - 1 for r, a in zip(rows, seq)], 50),
-        "speculative_latency_p50_s": percentile(est, 50),
-        "speculative_speedup": sum(seq) / max(sum(spec), 1e-9),
-    }
-
-
 # --------------------------------------------------------------------------------------------------- aggregation
 
 
@@ -427,9 +374,9 @@ class ModeRow:
     codec: str | None = None
     edge_precision: str | None = None
     catch_up: str | None = None  # decode-loop options (collaborative rows)
-    draft_ahead: int | None = None
     lossless: bool | None = None
     max_draft: int | None = None
+    fixed_draft: int | None = None
     requests: int = 0
     tokens: int = 0
     latency_p50_s: float = 0.0
@@ -443,6 +390,7 @@ class ModeRow:
     drafted_tokens: int = 0
     draft_rollbacks: int = 0
     rejected_drafts: int = 0
+    accepted_drafts: int = 0
     agreement: float = 0.0  # teacher-forced, per token
     exact_match: float = 0.0  # share of prompts whose output is the full model's greedy output
     cloud_layer_tokens: int = 0
@@ -453,13 +401,14 @@ class ModeRow:
     payload_up: int = 0
     payload_down: int = 0
     positions_uploaded: int = 0
+    requests_sent: int = 0
     round_trips: int = 0
     errors: int = 0
     # Filled against the same profile's cloud-only row:
     latency_ratio: float | None = None
     cloud_compute_ratio: float | None = None
     cloud_cpu_ratio: float | None = None
-    whatif: dict | None = None  # modeled speculative drafting (see simulate_timeline); not a measurement
+    ttft_ratio: float | None = None
     per_request: list[dict] = field(default_factory=list)
 
     @classmethod
@@ -470,13 +419,13 @@ class ModeRow:
         if mode != "collaborative":
             return cls(mode, profile, setting.exit_layer, edge_precision=setting.edge_precision)
         return cls(mode, profile, setting.exit_layer, setting.threshold, setting.codec, setting.edge_precision,
-                   setting.catch_up, setting.draft_ahead, setting.lossless, setting.max_draft if setting.lossless else None)
+                   setting.catch_up, setting.lossless, setting.max_draft, setting.fixed_draft)
 
     def setting(self) -> Setting | None:
         if self.mode != "collaborative":
             return None
         return Setting(self.exit_layer, self.threshold, self.codec, self.edge_precision, self.catch_up or "lazy",
-                       self.draft_ahead or 0, bool(self.lossless), self.max_draft or 8)
+                       bool(self.lossless), self.max_draft or 16, self.fixed_draft or 0)
 
     @property
     def loop(self) -> str | None:
@@ -505,6 +454,16 @@ class ModeRow:
         return self.down_bytes() / max(self.tokens, 1)
 
     @property
+    def tokens_per_round_trip(self) -> float | None:
+        """Tokens emitted per request the cloud answered (cloud-only streams without round trips: None)."""
+        return self.tokens / self.round_trips if self.round_trips else None
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Share of verified drafts the cloud kept."""
+        return self.accepted_drafts / self.drafted_tokens if self.drafted_tokens else None
+
+    @property
     def bytes_up_per_position(self) -> float | None:
         """Upload per hidden state sent (the per-escalated-token cost the issue's target is about)."""
         return self.up_bytes() / self.positions_uploaded if self.positions_uploaded else None
@@ -512,7 +471,8 @@ class ModeRow:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(key=self.key, loop=self.loop, bytes_up_per_token=self.bytes_up_per_token, bytes_down_per_token=self.bytes_down_per_token,
-                 bytes_up_per_position=self.bytes_up_per_position)
+                 bytes_up_per_position=self.bytes_up_per_position, tokens_per_round_trip=self.tokens_per_round_trip,
+                 acceptance_rate=self.acceptance_rate)
         return d
 
 
@@ -531,6 +491,7 @@ def aggregate(row: ModeRow, results: Sequence[RequestResult], wall_s: float) -> 
     row.drafted_tokens = sum(r.drafted_tokens for r in ok)
     row.draft_rollbacks = sum(r.draft_rollbacks for r in ok)
     row.rejected_drafts = sum(r.rejected_drafts for r in ok)
+    row.accepted_drafts = sum(r.accepted_drafts for r in ok)
     row.agreement = sum(r.agree for r in ok) / max(row.tokens, 1)
     row.exact_match = sum(r.exact for r in ok) / max(len(ok), 1)
     row.cloud_layer_tokens = sum(r.cloud_layer_tokens for r in ok)
@@ -538,12 +499,12 @@ def aggregate(row: ModeRow, results: Sequence[RequestResult], wall_s: float) -> 
     row.payload_up = sum(r.payload_up for r in ok)
     row.payload_down = sum(r.payload_down for r in ok)
     row.positions_uploaded = sum(r.positions_uploaded for r in ok)
+    row.requests_sent = sum(r.requests_sent for r in ok)
     row.round_trips = sum(r.round_trips for r in ok)
     if ok and all(r.cloud_cpu_s is not None for r in ok):
         row.cloud_cpu_s = sum(r.cloud_cpu_s for r in ok)
     if ok and all(r.wire_up is not None for r in ok):
         row.wire_up, row.wire_down = sum(r.wire_up for r in ok), sum(r.wire_down for r in ok)
-    row.whatif = whatif(results) if row.loop == "plain" else None  # the model replays the plain loop's timeline
     row.per_request = [
         {k: v for k, v in asdict(r).items() if k not in ("token_ids", "timeline")} | {"tokens": r.tokens} for r in results
     ]
@@ -569,8 +530,8 @@ def compare_to_baseline(rows: Sequence[ModeRow]) -> None:
             row.cloud_compute_ratio = (row.cloud_layer_tokens / row.tokens) / (b.cloud_layer_tokens / b.tokens)
         if row.cloud_cpu_s is not None and b.cloud_cpu_s:
             row.cloud_cpu_ratio = (row.cloud_cpu_s / row.tokens) / (b.cloud_cpu_s / b.tokens)
-        if row.whatif is not None and b.latency_p50_s > 0:
-            row.whatif["speculative_latency_ratio"] = row.whatif["speculative_latency_p50_s"] / b.latency_p50_s
+        if b.ttft_p50_s > 0:
+            row.ttft_ratio = row.ttft_p50_s / b.ttft_p50_s
 
 
 def best_setting(rows: Sequence[ModeRow], profile: str, min_agreement: float = 0.98) -> ModeRow | None:
@@ -608,7 +569,7 @@ def summary_of(row: ModeRow | None, hidden_size: int) -> dict:
         "edge_precision": row.edge_precision,
         "loop": row.loop,
         "catch_up": row.catch_up,
-        "draft_ahead": row.draft_ahead,
+        "fixed_draft": row.fixed_draft,
         "lossless": row.lossless,
         "max_draft": row.max_draft,
         "agreement": row.agreement,
@@ -619,10 +580,33 @@ def summary_of(row: ModeRow | None, hidden_size: int) -> dict:
         "bytes_up_per_token": row.bytes_up_per_token,
         "bytes_up_per_position": row.bytes_up_per_position,
         "codec_bytes_per_position": codec_bytes,
-        "frame_bytes_per_round_trip": (row.payload_up - codec_bytes * row.positions_uploaded) / row.round_trips if row.round_trips else None,
+        "frame_bytes_per_round_trip": (row.payload_up - codec_bytes * row.positions_uploaded) / row.requests_sent if row.requests_sent else None,
         "hidden_size": hidden_size,
         "exit_rate": row.exit_rate,
         "latency_p50_s": row.latency_p50_s,
         "ttft_p50_s": row.ttft_p50_s,
     }
 
+
+
+HEADLINE_KEYS = ("exit_layer", "latency_ratio", "ttft_ratio", "agreement", "tokens_per_round_trip",
+                 "cloud_compute_ratio", "bytes_up_per_token")
+
+
+def headline_of(row: ModeRow) -> dict:
+    """A headline row: the issue's keys (`HEADLINE_KEYS`), then what else a reader needs to trust them."""
+    return {
+        **{key: getattr(row, key) for key in HEADLINE_KEYS},
+        "setting": row.key,
+        "loop": row.loop,
+        "codec": row.codec,
+        "edge_precision": row.edge_precision,
+        "acceptance_rate": row.acceptance_rate,
+        "exact_match": row.exact_match,
+        "exit_rate": row.exit_rate,
+        "fallback_tokens": row.fallback_tokens,
+        "latency_p50_s": row.latency_p50_s,
+        "ttft_p50_s": row.ttft_p50_s,
+        "cloud_cpu_ratio": row.cloud_cpu_ratio,
+        "errors": row.errors,
+    }

@@ -35,6 +35,33 @@ def one_thread_env() -> dict[str, str]:
     return env
 
 
+@dataclass(frozen=True)
+class CorePlan:
+    """Which cores the edge (the bench process) and the cloud servers run on: in a deployment
+    they are different machines, so on a shared box they must not steal each other's core. Empty: no pinning."""
+
+    edge: tuple[int, ...] = ()
+    cloud: tuple[int, ...] = ()
+
+    @classmethod
+    def split(cls) -> "CorePlan":
+        """The first allowed core for the edge, the rest for the cloud side; no pinning on a single core."""
+        cores = sorted(os.sched_getaffinity(0))
+        return cls((cores[0],), tuple(cores[1:])) if len(cores) >= 2 else cls()
+
+    def pin_this_process(self) -> None:
+        """Pin the calling thread (call it before any worker thread starts: new threads inherit it)."""
+        if self.edge:
+            os.sched_setaffinity(0, self.edge)
+
+    def cloud_preexec(self):
+        """A `preexec_fn` that pins a child (and every thread it will start) to the cloud's cores."""
+        if not self.cloud:
+            return None
+        cores = self.cloud
+        return lambda: os.sched_setaffinity(0, cores)
+
+
 def cpu_seconds(pid: int) -> float:
     """user + system CPU seconds of a live process (all its threads), from /proc."""
     with open(f"/proc/{pid}/stat") as f:
@@ -67,6 +94,7 @@ class CloudServer:
     log_path: Path | None = None
     proc: subprocess.Popen | None = None
     health_path: str = "/healthz"
+    cores: CorePlan = field(default_factory=CorePlan)
 
     @property
     def base_url(self) -> str:
@@ -84,7 +112,8 @@ class CloudServer:
     def launch(self) -> None:
         """Start the process without waiting (several servers then load their models side by side)."""
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=one_thread_env())
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=one_thread_env(),
+                                     preexec_fn=self.cores.cloud_preexec())
 
     def wait_healthy(self, timeout_s: float = 240.0) -> "CloudServer":
         """Poll /healthz until it answers 200; a process that exits or stays unhealthy past the deadline raises."""
@@ -149,6 +178,7 @@ class EmulatedLink:
         cmd = [sys.executable, "-m", "offramp.bench.link_emulator", "--listen", f"127.0.0.1:{self.port}",
                "--target", f"127.0.0.1:{self.target_port}", "--profile", self.profile,
                "--control", f"127.0.0.1:{self.control_port}"]
+        # Not pinned: it is the network, light but timer-bound; on the cloud's busy core its delays would grow.
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=one_thread_env())
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -30,10 +30,9 @@ def _pct(value) -> str:
 def mode_table(rows: list[dict]) -> list[str]:
     head = ("| mode | K | thr | codec | edge | loop | latency p50 / p90 (s) | TTFT p50 / p90 (s) | tok/s | latency × cloud-only"
             " | cloud layer-tokens × | cloud CPU s (×) | up B/tok | down B/tok | up B/position | exit rate | agreement | exact | errors"
-            " | drafted / rollbacks / rejected | draft ok @esc | speculative est. × |")
+            " | tok / round trip | drafts verified / kept / rejected | acceptance |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in rows:
-        w = r.get("whatif") or {}
         cpu = "–" if r.get("cloud_cpu_s") is None else f"{r['cloud_cpu_s']:.1f} ({_f(r.get('cloud_cpu_ratio'))})"
         lines.append(
             f"| {r['mode']} | {_f(r['exit_layer'], '{}')} | {_f(r['threshold'], '{:g}')} | {r['codec'] or '–'} | {r.get('edge_precision') or '–'}"
@@ -42,19 +41,19 @@ def mode_table(rows: list[dict]) -> list[str]:
             f" | {r['tokens_per_s']:.1f} | {_f(r.get('latency_ratio'))} | {_f(r.get('cloud_compute_ratio'))} | {cpu}"
             f" | {r['bytes_up_per_token']:.0f} | {r['bytes_down_per_token']:.0f} | {_f(r.get('bytes_up_per_position'), '{:.0f}')}"
             f" | {_pct(r['exit_rate'])} | {_pct(r['agreement'])} | {_pct(r['exact_match'])} | {r['errors']}"
-            f" | {_drafts(r)} | {_pct(w.get('draft_agreement_at_escalations'))} | {_f(w.get('speculative_latency_ratio'))} |"
+            f" | {_f(r.get('tokens_per_round_trip'))} | {_drafts(r)} | {_pct(r.get('acceptance_rate'))} |"
         )
     return lines
 
 
 def _drafts(r: dict) -> str:
-    if r["mode"] != "collaborative" or r.get("loop") == "plain":
+    if r["mode"] != "collaborative":
         return "–"
-    return f"{r.get('drafted_tokens', 0)} / {r.get('draft_rollbacks', 0)} / {r.get('rejected_drafts', 0)}"
+    return f"{r.get('drafted_tokens', 0)} / {r.get('accepted_drafts', 0)} / {r.get('rejected_drafts', 0)}"
 
 
 def best_per_loop(rows: list[dict], min_agreement: float = 0.98) -> list[dict]:
-    """cloud-only, edge-only, then per decode loop (draft4 and draft8 are one loop) its fastest row at
+    """cloud-only, edge-only, then per decode loop (lossless-fixed4 and -fixed8 are one loop) its fastest row at
     >= `min_agreement`, or where none gets there its most faithful one."""
     best: dict[str, dict] = {}
 
@@ -67,6 +66,27 @@ def best_per_loop(rows: list[dict], min_agreement: float = 0.98) -> list[dict]:
             if kind not in best or rank(r) < rank(best[kind]):
                 best[kind] = r
     return [r for r in rows if r["mode"] != "collaborative"] + sorted(best.values(), key=rank)
+
+
+def headline_table(results: dict) -> list[str]:
+    """Per profile, the default collaborative mode at each K and exit mode, against cloud-only in the same run."""
+    lines = ["| profile | setting | latency × | TTFT × | tokens / round trip | acceptance | agreement | exact | cloud compute × | cloud CPU × | up B/token | fallback |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in profiles_of(results):
+        for h in results[p].get("headline_rows") or []:
+            lines.append(
+                f"| {p} | {h['setting']} | {_f(h['latency_ratio'])} | {_f(h['ttft_ratio'])} | {_f(h['tokens_per_round_trip'])}"
+                f" | {_pct(h['acceptance_rate'])} | {_pct(h['agreement'])} | {_pct(h['exact_match'])} | {_f(h['cloud_compute_ratio'])}"
+                f" | {_f(h.get('cloud_cpu_ratio'))} | {_f(h['bytes_up_per_token'], '{:.0f}')} | {h['fallback_tokens']} |")
+    return lines
+
+
+def _cores(meta: dict) -> str:
+    cores = meta.get("cores")
+    if isinstance(cores, dict):
+        return (f"**Edge and cloud pinned to different cores** (edge {cores.get('edge (this process)')}, cloud servers "
+                f"{cores.get('cloud servers')}, link emulator {cores.get('link emulator')}), as different machines would be")
+    return f"**Cloud and edge share this machine's {meta['cpu_count']} CPU cores**"
 
 
 def summary_table(results: dict) -> list[str]:
@@ -126,21 +146,23 @@ def write_report(results: dict, out: Path) -> None:
         f"{len(meta['prompts'])} prompts ({meta['prompt_origin']}), {cfg['max_new_tokens']} new tokens, greedy.",
         f"Cloud: {meta['cloud']}. Edge runtime per K: {meta['edge_precision']}; exit rule: {meta['exit_rule']}.",
         *[f"Note: {n}" for n in meta.get("notes", [])],
-        f"**Cloud and edge share this machine's {meta['cpu_count']} CPU cores** (one intra-op thread per process, "
+        _cores(meta) + " (one intra-op thread per process, "
         f"for every mode); other work on the machine: load average {meta['loadavg_start'][0]:.1f} at start, "
         f"{meta['loadavg_end'][0]:.1f} at the end" + _load_samples(meta) + ". Links emulated in user space (offramp.bench.link_emulator).",
         f"Agreement is {meta['agreement_definition']}; exact = share of prompts whose whole output is the full model's greedy output.",
         "Ratios (×) are against cloud-only on the same profile in this run, per generated token; bytes are wire bytes",
         "through the emulator. Cloud layer-tokens count every position the cloud ran (prompt catch-up and re-uploads",
         "included); cloud CPU seconds are the server process's utime + stime, read from /proc around each request.",
-        "`loop`: the decode loop (edge/generation.py DecodeOptions): `plain` waits for each escalation; `draftN` drafts up",
-        "to N edge tokens while one is in flight (kept if the cloud confirms the edge's guess, else rolled back: same",
-        "output as plain); `eager` uploads exited tokens' states in the background; `losslessN` drafts up to N tokens",
-        "and verifies them in one round trip (greedy output equals the full model's). drafted / rollbacks / rejected:",
-        "draft tokens kept, round trips that threw drafts away, lossless drafts the full model rejected.",
-        "`draft ok @esc`: how often the exit head's own argmax was right at escalated positions; `speculative est. ×`: a",
-        "*model*, not a measurement — this run's edge steps and round trips replayed as if the edge kept drafting during",
-        "escalations and rolled back on disagreement (same output); see `simulate_timeline` in offramp.bench.modes.",
+        "`loop` (offramp.edge.decode_loop): `losslessN` emits nothing the cloud has not confirmed, speculating up to N",
+        "drafts ahead with several verifications in flight (the controller picks the depth; `-fixedN` pins it);",
+        "`exit` lets confident drafts exit at the threshold (`--no-lossless`), `exit-eager` uploads their states at once.",
+        "tokens / round trip: emitted tokens per request the cloud answered; acceptance: verified drafts the cloud kept.",
+        "",
+        "## Headline: the default collaborative mode (lossless) at K ≤ N/2, and exit mode",
+        "",
+        *headline_table(results),
+        "",
+        "Targets on `wan` at K=15: latency ≤ 0.75× cloud-only, ≥ 2.5 tokens per round trip, ≥ 99.5% agreement (default codec).",
         "",
         "## Summary: best collaborative setting at ≥ 98% agreement",
         "",

@@ -61,8 +61,8 @@ def _prompts() -> list[bm.BenchPrompt]:
     return [bm.BenchPrompt("a", "plain", "", (1, 5, 9, 3)), bm.BenchPrompt("b", "chat", "", (7, 2, 4))]
 
 
-def _setting(threshold: float, codec: str = "fp32", loop: str = "plain", k: int = 2) -> bm.Setting:
-    return bm.Setting.with_loop(loop, k, threshold, codec, "fp32", draft_ahead=3, max_draft=3)
+def _setting(threshold: float, codec: str = "fp32", loop: str = "exit", k: int = 2) -> bm.Setting:
+    return bm.Setting.with_loop(loop, k, threshold, codec, "fp32", max_draft=3)
 
 
 @ASYNC
@@ -86,7 +86,8 @@ async def test_modes_in_process_agree_where_they_must(tiny_edge) -> None:
     bm.compare_to_baseline(rows)
     assert cloud.latency_ratio == 1.0 and cloud.cloud_compute_ratio == 1.0
     assert always_cloud.cloud_compute_ratio == pytest.approx(0.5, abs=0.1)  # 2 of 4 layers, catch-up of every position
-    assert always_cloud.loop == "plain" and always_cloud.key == "K2/t2/fp32/fp32/plain" and edge_only.key == "edge-only K2/fp32"
+    assert always_cloud.loop == "exit" and always_cloud.key == "K2/t2/fp32/fp32/exit" and edge_only.key == "edge-only K2/fp32"
+    assert always_cloud.round_trips > 0 and always_cloud.tokens_per_round_trip == always_cloud.tokens / always_cloud.round_trips
 
 
 def _tokens(row: bm.ModeRow) -> list:
@@ -95,7 +96,7 @@ def _tokens(row: bm.ModeRow) -> list:
 
 @ASYNC
 async def test_decode_loops_measured_side_by_side(tiny_edge, tiny_checkpoints) -> None:
-    """Drafting and eager catch-up leave the plain loop's output as it is; lossless is the full model's output."""
+    """Eager catch-up leaves exit mode's output as it is; lossless is the full model's output."""
     _, cfg = tiny_edge
     cfg = bench.BenchConfig(**{**asdict(cfg), "max_new_tokens": 12})
     # Larger random weights: the layers after K change the argmax, so edge tokens can be wrong and drafts rejected.
@@ -104,21 +105,21 @@ async def test_decode_loops_measured_side_by_side(tiny_edge, tiny_checkpoints) -
     prompts = _prompts()
     rows = {loop: await bench.run_mode(backend, edge, cfg, prompts, "inprocess", "collaborative", _setting(0.2, loop=loop))
             for loop in bm.LOOPS}
-    plain = rows["plain"]
-    assert 0.0 < plain.exit_rate < 1.0 and plain.agreement < 0.9
-    for loop in ("draft", "eager", "eager+draft"):
-        assert rows[loop].agreement == plain.agreement and rows[loop].exit_rate == plain.exit_rate, loop
-        assert rows[loop].draft_ahead == (3 if "draft" in loop else 0)
-        assert rows[loop].catch_up == ("eager" if "eager" in loop else "lazy")
+    exit_mode = rows["exit"]
+    assert 0.0 < exit_mode.exit_rate < 1.0 and exit_mode.agreement < 0.9
+    eager = rows["exit-eager"]
+    assert eager.agreement == exit_mode.agreement and eager.exit_rate == exit_mode.exit_rate and eager.catch_up == "eager"
     lossless = rows["lossless"]
     assert lossless.agreement == 1.0 and lossless.exact_match == 1.0 and lossless.lossless and lossless.max_draft == 3
     assert lossless.exit_rate == 0.0 and lossless.rejected_drafts > 0  # every token confirmed by the cloud; some drafts rejected
-    assert plain.whatif is not None and rows["draft"].whatif is None  # the what-if model replays the plain loop only
+    assert 0.0 <= lossless.acceptance_rate < 1.0 and lossless.acceptance_rate == lossless.accepted_drafts / lossless.drafted_tokens
     summary = bm.summary_of(lossless, 64)
     assert summary["loop"] == "lossless3" and summary["lossless"] is True and summary["catch_up"] == "lazy"
+    headline = bm.headline_of(lossless)
+    assert set(bm.HEADLINE_KEYS) <= set(headline) and headline["tokens_per_round_trip"] == lossless.tokens / lossless.round_trips
 
 
-def _row(key: tuple, agreement: float, latency: float, layer_tokens: int, loop: str = "plain") -> bm.ModeRow:
+def _row(key: tuple, agreement: float, latency: float, layer_tokens: int, loop: str = "exit") -> bm.ModeRow:
     row = bm.ModeRow.of("collaborative", "wan", bm.Setting.with_loop(loop, *key, "fp32"))
     row.requests, row.tokens, row.agreement, row.latency_p50_s = 1, 10, agreement, latency
     row.cloud_layer_tokens, row.wire_up, row.positions_uploaded = layer_tokens, 5800, 10
@@ -145,25 +146,27 @@ def test_summary_is_the_fastest_setting_at_98_percent_agreement() -> None:
     lossless.tokens = 5  # stopped early: cloud work is compared per generated token
     bm.compare_to_baseline(rows + [lossless])
     summary = bm.summary_of(bm.best_setting(rows + [lossless], "wan"), 576)
-    assert summary["loop"] == "lossless8" and summary["lossless"] is True and summary["draft_ahead"] == 0
+    assert summary["loop"] == "lossless16" and summary["lossless"] is True and summary["fixed_draft"] == 0
     assert summary["cloud_compute_ratio"] == pytest.approx(0.12)
 
 
-def test_settings_sweep_thresholds_at_k0_and_the_rest_at_its_calibrated_threshold() -> None:
-    cfg = bench.BenchConfig(exit_layers=[26, 15], thresholds=[0.95, 2.0], codecs=["int8o", "fp16", "fp32"],
-                            edge_precisions=["fp32", "int8"], loops=["draft", "eager", "lossless"], lossless_thresholds=[0.5],
-                            draft_ahead=4, max_draft=8)
-    keys = [s.key for s in cfg.collaborative_settings({26: 0.8712})]
-    assert keys == [
-        "K26/t0.8712/int8o/fp32/plain", "K26/t0.95/int8o/fp32/plain", "K26/t2/int8o/fp32/plain",
-        "K15/t0.9/int8o/fp32/plain",  # the other Ks: their calibrated threshold, here none, so the default
-        "K26/t0.8712/int8o/fp32/draft4", "K26/t0.8712/int8o/fp32/eager", "K26/t0.8712/int8o/fp32/lossless8",
-        "K26/t0.5/int8o/fp32/lossless8",
-        "K26/t0.8712/fp16/fp32/plain", "K26/t0.8712/fp32/fp32/plain", "K26/t0.8712/int8o/int8/plain",
+def test_headline_is_the_default_mode_at_each_k_and_the_grid_compares_at_k0() -> None:
+    cfg = bench.BenchConfig(exit_layers=[15, 10], thresholds=[0.95, 2.0], codecs=["int8o", "fp16", "fp32"],
+                            edge_precisions=["q4", "fp32"], loops=["exit-eager"], fixed_drafts=[4, 8], max_draft=8)
+    calibrated = {15: 0.8712}
+    assert [s.key for s in cfg.headline_settings(calibrated)] == [
+        "K15/t0.8712/int8o/q4/lossless8", "K10/t0.9/int8o/q4/lossless8",  # lossless, every default, at each K
+        "K15/t0.8712/int8o/q4/exit",  # --no-lossless at K0's calibrated threshold
     ]
-    # Without calibration or thresholds: the uncalibrated default, 0.9.
-    bare = bench.BenchConfig(exit_layers=[15], thresholds=[], codecs=["int8o"], edge_precisions=["fp32"], loops=[], lossless_thresholds=[])
-    assert [s.key for s in bare.collaborative_settings()] == ["K15/t0.9/int8o/fp32/plain"]
+    assert [s.key for s in cfg.grid_settings(calibrated)] == [
+        "K15/t0.95/int8o/q4/exit", "K15/t2/int8o/q4/exit",
+        "K10/t0.9/int8o/q4/exit",  # the other Ks: their calibrated threshold, here none, so the default
+        "K15/t0.8712/int8o/q4/exit-eager",
+        "K15/t0.8712/fp16/q4/lossless8", "K15/t0.8712/fp32/q4/lossless8", "K15/t0.8712/int8o/fp32/lossless8",
+        "K15/t0.8712/int8o/q4/lossless-fixed4", "K15/t0.8712/int8o/q4/lossless-fixed8",
+    ]
+    bare = bench.BenchConfig(exit_layers=[15], thresholds=[], codecs=["int8o"], edge_precisions=["q4"], loops=[], fixed_drafts=[])
+    assert bare.grid_settings() == []  # nothing beside the headline
 
 
 def test_followup_profiles_rerun_the_fastest_faithful_setting_of_each_loop() -> None:
@@ -171,15 +174,30 @@ def test_followup_profiles_rerun_the_fastest_faithful_setting_of_each_loop() -> 
             _row((20, 0.95, "int8o"), 0.999, 1.0, 300), _row((25, 0.9, "int8o"), 0.95, 0.9, 100),
             _row((20, 0.5, "int8o"), 1.0, 1.1, 300, loop="lossless"), _row((20, 0.6, "int8o"), 1.0, 1.3, 300, loop="lossless")]
     assert [s.key for s in bm.followup_settings(rows, 4)] == [
-        "K20/t0.95/int8o/fp32/plain", "K20/t0.5/int8o/fp32/lossless8", "K20/t0.8/int8o/fp32/plain", "K20/t0.6/int8o/fp32/lossless8"]
-    assert [s.key for s in bm.followup_settings(rows, 6)][-2:] == ["K25/t0.9/int8o/fp32/plain", "K15/t0.5/int8o/fp32/plain"]
+        "K20/t0.95/int8o/fp32/exit", "K20/t0.5/int8o/fp32/lossless16", "K20/t0.8/int8o/fp32/exit", "K20/t0.6/int8o/fp32/lossless16"]
+    assert [s.key for s in bm.followup_settings(rows, 6)][-2:] == ["K25/t0.9/int8o/fp32/exit", "K15/t0.5/int8o/fp32/exit"]
 
 
-def test_quick_is_small_and_has_a_lossless_setting() -> None:
+def test_quick_is_small_and_keeps_the_headline() -> None:
     quick = bench.config_from_args(bench.build_parser().parse_args(["--quick"]))
-    settings = quick.collaborative_settings({26: 0.85})
-    assert quick.quick and quick.prompts <= 4 and quick.profiles == ["wan"] and len(settings) <= 4
-    assert any(s.lossless for s in settings) and any(s.draft_ahead for s in settings)
+    headline = quick.headline_settings({15: 0.85})
+    assert quick.quick and quick.prompts <= 4 and quick.profiles == ["wan"] and quick.grid_settings({15: 0.85}) == []
+    assert [s.key for s in headline] == ["K15/t0.85/int8o/q4/lossless16", "K15/t0.85/int8o/q4/exit"]
+
+
+def test_core_plan_pins_the_cloud_side_apart_from_the_edge() -> None:
+    import subprocess
+    import sys
+
+    from offramp.bench.processes import CorePlan
+
+    plan = CorePlan.split()
+    if not plan.edge:
+        pytest.skip("one core: nothing to pin apart")
+    assert not set(plan.edge) & set(plan.cloud)
+    child = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+                           capture_output=True, text=True, preexec_fn=plan.cloud_preexec(), check=True)
+    assert json.loads(child.stdout) == list(plan.cloud)
 
 
 @ASYNC
@@ -197,32 +215,27 @@ async def test_report_from_results(tiny_edge, tmp_path: Path) -> None:
         "clients": [{"mode": "cloud-only", "clients": 1, "requests": 1, "throughput_tok_s": 5.0, "latency_p50_s": 1.0,
                      "latency_p99_s": 1.0, "cloud_cpu_s": None, "errors": 0}],
         "edge_step": {},
-        "inprocess": {"summary": bm.summary_of(bm.best_setting(rows, "inprocess"), 64), "rows": [r.to_dict() for r in rows]},
+        "inprocess": {"headline": bm.headline_of(rows[1]), "headline_rows": [bm.headline_of(rows[1])],
+                      "summary": bm.summary_of(bm.best_setting(rows, "inprocess"), 64), "rows": [r.to_dict() for r in rows]},
     }
     json.dumps(results)  # serialisable as written
     bench_report.write_report(results, tmp_path)
     report = (tmp_path / "report.md").read_text()
-    assert "| inprocess | 2 | 2 | fp32 | fp32 | plain | 100.0% |" in report
+    assert "| inprocess | 2 | 2 | fp32 | fp32 | exit | 100.0% |" in report
+    assert "| inprocess | K2/t2/fp32/fp32/exit | 1." in report  # the headline table
     assert (tmp_path / "pareto.png").stat().st_size > 1000 and (tmp_path / "scaling.png").exists()
-
-
-def test_whatif_model_overlaps_agreeing_escalations_only() -> None:
-    tl = {"sources": ["edge", "cloud", "edge", "edge", "cloud", "edge"], "draft_agrees": [1, 1, 1, 1, 0, 1],
-          "prefill_s": 0.1, "step_s": [0.01] * 5, "rtt_s": [0.05, 0.05]}
-    assert bm.simulate_timeline(tl, speculative=False) == pytest.approx(0.1 + 5 * 0.01 + 2 * 0.05)
-    # The first escalation's draft was right: its round trip overlaps the next steps; the second blocks.
-    assert bm.simulate_timeline(tl, speculative=True) == pytest.approx(0.1 + 0.03 + 0.05 + 0.01 + 0.01)
 
 
 def test_bench_end_to_end_against_a_real_cloud_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`offramp bench compare` (what `scripts/bench` runs) on a tiny checkpoint: `offramp cloud serve` and the link emulator as processes,
-    cloud-only over HTTP, collaborative over the WebSocket link, every loop, clients, results.json and the report."""
+    cloud-only over HTTP, collaborative over the WebSocket link, every loop, clients, results.json with its headline
+    and the report; edge and cloud pinned to different cores."""
     monkeypatch.setenv("OFFRAMP_HOME", str(tmp_path / "home"))  # nothing lands in the real artifact cache
     model_dir = save_tiny_checkpoint(tmp_path / "tiny", num_layers=4)
     out = tmp_path / "results"
     assert cli_main(["bench", "compare", "--model", str(model_dir), "--profiles", "lan", "--exit-layers", "2", "--edge-precisions", "fp32",
                        "--heads", "none", "--prompts", "2", "--max-new-tokens", "6", "--thresholds", "0.02,2",
-                       "--codecs", "fp32", "--codec-threshold", "0.02", "--loops", "draft,lossless", "--draft-ahead", "2", "--max-draft", "3",
+                       "--codecs", "fp32", "--loops", "exit-eager", "--fixed-drafts", "2", "--max-draft", "3",
                        "--clients", "1,2", "--no-edge-step", "--out", str(out)]) == 0
     run = next(out.iterdir())
     results = json.loads((run / "results.json").read_text())
@@ -232,11 +245,16 @@ def test_bench_end_to_end_against_a_real_cloud_server(tmp_path: Path, monkeypatc
     cloud = rows["cloud-only"]
     assert cloud["errors"] == 0 and cloud["agreement"] == 1.0 and cloud["tokens"] == 12  # the server's full model
     assert cloud["cloud_cpu_s"] > 0 and cloud["wire_up"] > 0 and cloud["wire_down"] > 0  # measured, not modeled
-    never_exit = rows["K2/t2/fp32/fp32/plain"]
+    never_exit = rows["K2/t2/fp32/fp32/exit"]
     assert never_exit["agreement"] == 1.0 and never_exit["exit_rate"] == 0.0
     assert never_exit["cloud_compute_ratio"] == pytest.approx(0.5)  # 2 of 4 layers for every position, prompt included
-    assert rows["K2/t0.02/fp32/fp32/lossless3"]["agreement"] == 1.0
-    assert {"K2/t0.02/fp32/fp32/plain", "K2/t0.02/fp32/fp32/draft2", "edge-only K2/int8"} <= set(rows)
+    assert rows["K2/t0.9/fp32/fp32/lossless3"]["agreement"] == 1.0 and rows["K2/t0.9/fp32/fp32/lossless-fixed2"]["agreement"] == 1.0
+    assert {"K2/t0.02/fp32/fp32/exit", "K2/t0.9/fp32/fp32/exit", "K2/t0.9/fp32/fp32/exit-eager", "edge-only K2/int8"} <= set(rows)
+    headline = results["lan"]["headline"]
+    assert set(bm.HEADLINE_KEYS) <= set(headline) and headline["setting"] == "K2/t0.9/fp32/fp32/lossless3"
+    assert headline["exit_layer"] == 2 and headline["agreement"] == 1.0 and headline["tokens_per_round_trip"] > 0
+    assert [h["setting"] for h in results["lan"]["headline_rows"]] == ["K2/t0.9/fp32/fp32/lossless3", "K2/t0.9/fp32/fp32/exit"]
+    assert isinstance(results["meta"]["cores"], dict)  # this machine has 2 cores: edge and cloud pinned apart
     assert all(r["errors"] == 0 for r in rows.values())
     assert results["lan"]["summary"]["exit_layer"] == 2 and "loop" in results["lan"]["summary"]
     assert [(c["clients"], c["mode"], c["errors"]) for c in results["clients"]] == [
