@@ -59,7 +59,7 @@ class CompletionRequest:
         except UnservedFieldError as exc:
             raise CompletionRequestError(str(exc), exc.field, exc.code) from None
         model = body.get("model")
-        if model is not None and model not in (state.model_name, "default"):
+        if model is not None and model not in _served_names(state):
             raise CompletionRequestError(f"model {_short(model)} is not served here; this cloud serves {state.model_name!r}", "model", "model_not_found")
         prompt = body.get("prompt")
         if isinstance(prompt, str) and state.tokenizer is None:
@@ -212,3 +212,11 @@ def error_response(status: int, message: str, code: str | None = None, param: st
     """An OpenAI-shaped error body."""
     kind = {400: "invalid_request_error", 401: "authentication_error", 413: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
     return web.json_response({"error": {"message": message, "type": kind, "param": param, "code": code}}, status=status)
+
+
+def _served_names(state: CloudState) -> set[str]:
+    """What a client may call this cloud's model: its configured spec, 'default' and the name an edge serves it
+    as (the default model's own name, a checkpoint dir's name), so a request written for the edge daemon works."""
+    from offramp.models.edge_dir import model_name
+
+    return {state.model_name, "default", model_name(state.config.model)}

@@ -12,6 +12,9 @@ from typing import Any
 
 from offramp.shared.errors import OfframpError
 
+# Fields that identify the caller (for a provider's abuse tracking and prompt caching) and never change the output:
+# applications send them as a matter of course, so they are served as what they are, labels.
+IDENTIFYING_FIELDS = frozenset({"user", "safety_identifier", "prompt_cache_key"})
 # Fields whose "off" value changes nothing, so a client that sends it explicitly is served.
 NEUTRAL_VALUES: dict[str, Any] = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "store": False}
 
@@ -37,7 +40,7 @@ def _is_neutral(name: str, value: Any) -> bool:
 def check_served_fields(body: dict[str, Any], served: frozenset[str]) -> None:
     """Raise UnservedFieldError for the first field outside `served` (null counts as absent, as OpenAI treats it)."""
     for name, value in body.items():
-        if name in served or value is None:
+        if name in served or value is None or (name in IDENTIFYING_FIELDS and isinstance(value, str)):
             continue
         if name in NEUTRAL_VALUES:
             if _is_neutral(name, value):

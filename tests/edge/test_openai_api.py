@@ -94,7 +94,6 @@ def test_bad_bodies_are_refused(raw, code) -> None:
         ({"prompt": "hi", "frequency_penalty": False}, "frequency_penalty", "unsupported_value"),
         ({"prompt": "hi", "logit_bias": {"50256": -100}}, "logit_bias", "unsupported_value"),
         ({"prompt": "hi", "suffix": "end"}, "suffix", "unsupported_field"),
-        ({"prompt": "hi", "user": "u-1"}, "user", "unsupported_field"),
         ({"prompt": "hi", "made_up_field": 1}, "made_up_field", "unsupported_field"),
     ],
 )
@@ -144,13 +143,18 @@ UNSERVED_CHAT = {
     "verbosity": "low",
     "web_search_options": {},
     "service_tier": "auto",
-    "user": "u-1",
-    "safety_identifier": "s",
-    "prompt_cache_key": "k",
     "best_of": 2,
     "echo": True,
     "suffix": "x",
 }
+
+
+def test_caller_identifiers_are_served_as_labels() -> None:
+    """user, safety_identifier and prompt_cache_key never change the output: applications send them routinely."""
+    labels = {"user": "u-1", "safety_identifier": "s", "prompt_cache_key": "k"}
+    assert parse_chat({"messages": HI, **labels}, LIMITS).messages
+    err = refused(parse_chat, {"messages": HI, "user": {"id": 1}}, LIMITS)  # not a label
+    assert (err.status, err.param) == (400, "user")
 
 
 @pytest.mark.parametrize("name", sorted(UNSERVED_CHAT))
