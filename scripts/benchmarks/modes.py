@@ -404,6 +404,8 @@ class ModeRow:
     requests_sent: int = 0
     round_trips: int = 0
     errors: int = 0
+    edge_step_p50_s: float | None = None  # one decode step of the edge graph (medians over every request's steps)
+    round_trip_p50_s: float | None = None  # one request to the cloud and its answer, as the edge saw it
     # Filled against the same profile's cloud-only row:
     latency_ratio: float | None = None
     cloud_compute_ratio: float | None = None
@@ -499,6 +501,10 @@ def aggregate(row: ModeRow, results: Sequence[RequestResult], wall_s: float) -> 
     row.payload_up = sum(r.payload_up for r in ok)
     row.payload_down = sum(r.payload_down for r in ok)
     row.positions_uploaded = sum(r.positions_uploaded for r in ok)
+    steps = [t for r in ok if r.timeline for t in r.timeline["step_s"]]
+    trips = [t for r in ok if r.timeline for t in r.timeline["rtt_s"]]
+    row.edge_step_p50_s = percentile(steps, 50) if steps else None
+    row.round_trip_p50_s = percentile(trips, 50) if trips else None
     row.requests_sent = sum(r.requests_sent for r in ok)
     row.round_trips = sum(r.round_trips for r in ok)
     if ok and all(r.cloud_cpu_s is not None for r in ok):

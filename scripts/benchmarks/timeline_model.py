@@ -4,10 +4,14 @@ An event simulation of what `offramp.edge.decode_loop` does, with the costs as p
 the cloud's time per request (fixed + per row), the link's one-way latency and upload bandwidth, and the chance
 that a draft equals the full model's token (per position, drawn independently). It predicts the latency of a
 collaborative generation and of the cloud-only one (the whole model in the cloud, tokens streamed), hence their
-ratio, tokens per round trip and the cloud's share of the compute. `fit` tunes nothing: every parameter is a
-measured quantity; the bench compares the model's prediction with its measured points.
+ratio, tokens per round trip and the cloud's share of the compute. It replaces the bench's old what-if model,
+which assumed that each escalation blocks the edge.
 
-    .venv/bin/offramp bench timeline --edge-ms 9 --cloud-fixed-ms 6 --cloud-row-ms 1.2 --full-ms 45 --rtt-ms 60 --alpha 0.55
+    offramp bench timeline --edge-ms 9 --cloud-fixed-ms 6 --cloud-row-ms 1.2 --full-ms 45 --rtt-ms 60 --alpha 0.55
+    offramp bench timeline --fit bench-results/<run>/results.json   # prediction beside each measured headline row
+    offramp bench timeline --map                                    # where collaboration wins (README)
+
+`--fit` tunes nothing: every parameter is measured in that run (see `costs_of_run`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import math
 import random
 import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -193,15 +198,93 @@ def collaborative(prompt: int, new: int, costs: Costs, link: Link, alpha: float,
     raise RuntimeError("the simulation stalled")  # a policy that never sends
 
 
-def fit(points: list[dict], costs: Costs, link: Link, policy: Policy) -> list[dict]:
-    """Predictions beside measured points (each: prompt, new, alpha, measured latency ratio)."""
+# The share of a deep-layer forward that grows with its rows; the rest is paid once per request (weights read once,
+# frame handling). Measured here at K=15: one row ~32 ms, a block of 8 rows 73-77 ms (README "Performance"), so
+# each extra row costs ~6 ms, ~0.2 of a one-row step. A GPU's few-row forwards are flatter still.
+ROW_SHARE = 0.2
+
+
+def deep_costs(deep_step_s: float) -> tuple[float, float]:
+    """(fixed per request, per row) of a deep-layer forward whose one-row time is `deep_step_s`."""
+    return deep_step_s * (1 - ROW_SHARE), deep_step_s * ROW_SHARE
+
+
+def controller_depth(rtt_s: float, edge_step_s: float, max_draft: int = 16) -> int:
+    """The depth `offramp.edge.decode_loop.DraftController` settles at with drafts that survive: a round trip's
+    worth of edge steps, plus one."""
+    return max(1, min(max_draft, math.ceil(rtt_s / max(edge_step_s, 1e-4)) + 1))
+
+
+def predicted_ratio(prompt: int, new: int, costs: Costs, link: Link, alpha: float, seeds: int = 10) -> dict:
+    """Mean latency, TTFT and tokens per round trip of the collaborative loop over `seeds` draws, against cloud-only."""
+    policy = Policy(controller_depth(link.rtt_s, costs.edge_step_s), block_rows=2, max_inflight=2)  # DecodeOptions' defaults
+    base = cloud_only(prompt, new, costs, link)
+    runs = [collaborative(prompt, new, costs, link, alpha, policy, seed) for seed in range(seeds)]
+    mean = lambda f: sum(f(r) for r in runs) / len(runs)  # noqa: E731
+    return {"latency_ratio": mean(lambda r: r.latency_s) / base.latency_s, "ttft_ratio": mean(lambda r: r.ttft_s) / base.ttft_s,
+            "tokens_per_round_trip": mean(lambda r: r.tokens_per_round_trip), "depth": policy.max_depth}
+
+
+def costs_of_run(results: dict, profile: str, row: dict) -> tuple[Costs, Link, float, int, int]:
+    """(costs, link, alpha, prompt tokens, new tokens) of one measured collaborative row of a bench run.
+
+    Measured: the edge step (median), the cloud-only decode step and prefill (its row's TTFT and latency), the
+    link's round trip (the profile's), the acceptance. Derived: a deep-layer forward of one row is the full step's
+    share of the deep layers (N-K of N), split into a fixed and a per-row part by `ROW_SHARE`.
+    """
+    from offramp.bench.link_emulator import get_profile
+
+    meta = results["meta"]
+    n_layers, k = meta["num_layers"], row["exit_layer"]
+    base = next(r for r in results[profile]["rows"] if r["mode"] == "cloud-only")
+    new = max(round(row["tokens"] / max(row["requests"], 1)), 2)
+    prompt = round(sum(p["tokens"] for p in meta["prompts"]) / max(len(meta["prompts"]), 1))
+    link_profile = get_profile(profile)
+    rtt = link_profile.up.latency_s + link_profile.down.latency_s
+    base_new = max(base["tokens"] / max(base["requests"], 1), 2)
+    full_step = max(base["latency_p50_s"] - base["ttft_p50_s"], 0.0) / (base_new - 1)
+    full_prefill = max(base["ttft_p50_s"] - rtt, 0.0) / max(prompt, 1)
+    edge_step = row.get("edge_step_p50_s") or 0.0
+    fixed, row_s = deep_costs(full_step * (n_layers - k) / n_layers)
+    costs = Costs(edge_step, edge_step / 8, fixed, row_s, full_step, full_prefill, full_prefill * (n_layers - k) / n_layers)
+    return costs, Link(rtt), row.get("acceptance_rate") or 0.0, prompt, new
+
+
+def fit_results(results: dict) -> list[dict]:
+    """The model's prediction beside every measured headline row of a bench run (nothing is tuned to match)."""
     out = []
-    for pt in points:
-        base = cloud_only(pt["prompt"], pt["new"], costs, link)
-        runs = [collaborative(pt["prompt"], pt["new"], costs, link, pt["alpha"], policy, seed) for seed in range(20)]
-        lat = sum(r.latency_s for r in runs) / len(runs)
-        out.append(pt | {"predicted_ratio": lat / base.latency_s})
+    for profile in (p for p in results if isinstance(results[p], dict) and "headline_rows" in results[p]):
+        rows = {r["key"]: r for r in results[profile]["rows"]}
+        for h in results[profile]["headline_rows"]:
+            row = rows[h["setting"]]
+            if not row.get("lossless") or not row.get("edge_step_p50_s"):
+                continue  # the model simulates the lossless loop
+            costs, link, alpha, prompt, new = costs_of_run(results, profile, row)
+            out.append({"profile": profile, "setting": h["setting"], "alpha": round(alpha, 3),
+                        "measured_latency_ratio": h["latency_ratio"],
+                        **{k: round(v, 3) for k, v in predicted_ratio(prompt, new, costs, link, alpha).items()}})
     return out
+
+
+def win_map(edge_layer_ms: float, exit_layer: int, num_layers: int, speed_ratios: list[float], rtts_ms: list[float],
+            alphas: list[float], prompt: int = 40, new: int = 48) -> str:
+    """Markdown tables of the predicted latency ratio (collaborative / cloud-only) for each cloud speed-up per layer
+    over the edge, round trip and acceptance: where the ratio is below 1, collaboration is faster."""
+    lines = []
+    for speed in speed_ratios:
+        cloud_layer = edge_layer_ms / speed / 1e3
+        fixed, row_s = deep_costs(cloud_layer * (num_layers - exit_layer))
+        costs = Costs(edge_layer_ms * exit_layer / 1e3, edge_layer_ms * exit_layer / 8e3, fixed, row_s,
+                      cloud_layer * num_layers, cloud_layer * num_layers / 8)
+        lines += [f"Cloud {speed:g}x faster per layer than the edge (edge step {edge_layer_ms * exit_layer:.1f} ms at K={exit_layer}, "
+                  f"cloud-only step {cloud_layer * num_layers * 1e3:.1f} ms):", "",
+                  "| RTT \\ acceptance | " + " | ".join(f"{a:g}" for a in alphas) + " |",
+                  "|---|" + "---|" * len(alphas)]
+        for rtt in rtts_ms:
+            cells = [predicted_ratio(prompt, new, costs, Link(rtt / 1e3), a)["latency_ratio"] for a in alphas]
+            lines.append(f"| {rtt:g} ms | " + " | ".join(f"**{c:.2f}**" if c < 1 else f"{c:.2f}" for c in cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,7 +303,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block", type=int, nargs="+", default=[4])
     ap.add_argument("--inflight", type=int, nargs="+", default=[3])
     ap.add_argument("--seeds", type=int, default=30)
+    ap.add_argument("--fit", type=Path, default=None, metavar="RESULTS_JSON", help="predict every lossless headline row of a bench run beside its measurement")
+    ap.add_argument("--map", action="store_true", help="markdown tables: predicted latency ratio by cloud speed-up, RTT and acceptance")
+    ap.add_argument("--edge-layer-ms", type=float, default=1.1, help="--map: edge time per layer (q4 graph, one thread, here: ~1.1 ms)")
+    ap.add_argument("--exit-layer", type=int, default=15)
+    ap.add_argument("--num-layers", type=int, default=30)
+    ap.add_argument("--speed", type=float, nargs="+", default=[1.0, 3.0, 10.0], help="--map: cloud speed-ups per layer over the edge")
+    ap.add_argument("--rtts-ms", type=float, nargs="+", default=[10.0, 30.0, 60.0, 120.0, 250.0])
     args = ap.parse_args(argv)
+    if args.fit is not None:
+        for line in fit_results(json.loads(args.fit.read_text())):
+            print(json.dumps(line))
+        return 0
+    if args.map:
+        alphas = args.alpha if args.alpha != [0.5] else [0.3, 0.5, 0.7, 0.9]
+        print(win_map(args.edge_layer_ms, args.exit_layer, args.num_layers, args.speed, args.rtts_ms, alphas, args.prompt, args.new))
+        return 0
     costs = Costs(args.edge_ms / 1e3, args.edge_prefill_ms / 1e3, args.cloud_fixed_ms / 1e3, args.cloud_row_ms / 1e3,
                   args.full_ms / 1e3, args.full_prefill_ms / 1e3)
     link = Link(args.rtt_ms / 1e3)
