@@ -163,7 +163,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         path = save_exit_rule(rule, head_dir)
         m = rule.meta
         print(f"K={k}: threshold {rule.threshold:.4f} -> calib exit rate {m['calib_exit_rate']:.3f} at agreement "
-              f"{m['calib_agreement']:.4f} ({m['calib_positions']} positions); wrote {path}")
+              f"{m['calib_agreement']:.4f}, one-sided {m['confidence_level']:.0%} lower bound "
+              f"{m['calib_agreement_lower_bound']:.4f} ({m['calib_positions']} positions); wrote {path}")
     return 0
 
 
@@ -222,7 +223,9 @@ def _print_eval(res: dict) -> None:
         for i, o in enumerate(sw["oracle_on_test"]):
             mp = sw.get("oracle_on_test_max_prob")
             extra = f" (max-prob rule: {mp[i]['exit_rate']:.3f})" if mp else ""
-            print(f"    best exit rate at agreement >= {o['target']} (threshold set on test): {o['exit_rate']:.3f}{extra}")
+            print(f"    best exit rate at agreement >= {o['target']} (threshold set on test): {o['exit_rate']:.3f}{extra}; "
+                  f"certified (one-sided {o['level']:.0%} lower bound >= {o['target']}): {o['certified_exit_rate']:.3f}, "
+                  f"bound {o['agreement_lower_bound']:.4f}")
     for name, fr in res.get("free_running", {}).items():
         print(f"  free-running {name} ({fr['prompts']} prompts): common prefix {fr['common_prefix_fraction']:.3f}, "
               f"exact {fr['exact_match_fraction']:.3f}, edge fraction {fr['edge_fraction']:.3f}")

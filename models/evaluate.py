@@ -97,12 +97,16 @@ def sweep(stats: ExitStats, rule: ExitRule, extra_thresholds: Sequence[float] = 
     }
 
 
-def best_exit_rate_at(stats: ExitStats, rule: ExitRule, target: float) -> dict:
-    """Oracle view on the evaluated split itself: the largest exit rate whose agreement >= target."""
-    from offramp.models.router import pick_threshold
+def best_exit_rate_at(stats: ExitStats, rule: ExitRule, target: float, level: float = 0.95) -> dict:
+    """Oracle view on the evaluated split itself: the largest exit rate whose agreement >= target, and the largest
+    whose one-sided `level` Clopper-Pearson lower bound on agreement >= target (`certified_*`)."""
+    from offramp.models.router import certified_threshold, pick_threshold
 
-    t, rate, agr = pick_threshold(rule.from_features(stats.features), stats.agree, target)
-    return {"target": target, "threshold": t, "exit_rate": rate, "agreement": agr}
+    conf = rule.from_features(stats.features)
+    t, rate, agr = pick_threshold(conf, stats.agree, target)
+    ct, crate, cagr, bound = certified_threshold(conf, stats.agree, target, level)
+    return {"target": target, "threshold": t, "exit_rate": rate, "agreement": agr, "certified_threshold": ct,
+            "certified_exit_rate": crate, "certified_agreement": cagr, "agreement_lower_bound": bound, "level": level}
 
 
 # --- free-running collaborative greedy ------------------------------------------------------------------------
@@ -251,9 +255,11 @@ def calibrate_head(
     target: float,
     router: str = "logistic",
     sources: Sequence[str] = SERVING_SOURCES,
+    level: float = 0.95,
 ) -> ExitRule:
-    """Fit the rule (logistic or max-prob) on the calib split and pick the threshold meeting `target` agreement there."""
-    from offramp.models.router import fit_logistic, pick_threshold
+    """Fit the rule (logistic or max-prob) on the calib split and pick the lowest threshold whose one-sided `level`
+    Clopper-Pearson lower bound on agreement there meets `target` (a point estimate would miss it half the time)."""
+    from offramp.models.router import certified_threshold, fit_logistic
 
     stats = exit_stats(head, data, data.mask("calib", sources), exit_layer)
     if len(stats) == 0:
@@ -265,10 +271,11 @@ def calibrate_head(
     else:
         raise SplitConfigError(f"unknown router {router!r}; choose 'logistic' or 'max_prob'")
     conf = rule.from_features(stats.features)
-    rule.threshold, rate, agr = pick_threshold(conf, stats.agree, target)
+    rule.threshold, rate, agr, bound = certified_threshold(conf, stats.agree, target, level)
     rule.meta = {
         "exit_layer": exit_layer, "target_agreement": target, "calib_sources": list(sources),
         "calib_positions": len(stats), "calib_exit_rate": rate, "calib_agreement": agr,
+        "calib_agreement_lower_bound": bound, "confidence_level": level,
         "calib_edge_top1_agreement": float(stats.agree.mean()),
     }
     return rule

@@ -6,6 +6,8 @@ without torch; this module only fits it.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from offramp.shared.errors import SplitConfigError
@@ -56,3 +58,72 @@ def pick_threshold(confidence: np.ndarray, agree: np.ndarray, target: float) -> 
         return NEVER, 0.0, 1.0
     i = int(np.nonzero(ok)[0].max())
     return float(c_sorted[i]), (i + 1) / n, float(agreement[i])
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p), summed in log space (exact enough for n up to millions, k small)."""
+    if k >= n or p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 0.0
+    lp, lq = math.log(p), math.log1p(-p)
+    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq for i in range(k + 1)]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def clopper_pearson_upper(errors: int, n: int, level: float = 0.95) -> float:
+    """One-sided Clopper-Pearson upper bound on an error rate after `errors` in `n` trials: the p at which seeing
+    `errors` or fewer has probability 1 - level (bisection on the exact binomial tail; no scipy on the edge side)."""
+    if not 0.0 < level < 1.0:
+        raise SplitConfigError(f"confidence level {level!r} must be in (0, 1)")
+    if n <= 0:
+        raise SplitConfigError(f"a bound needs at least one trial, got n={n}")
+    if errors >= n:
+        return 1.0
+    alpha = 1.0 - level
+    lo, hi = errors / n, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if binomial_cdf(errors, n, mid) > alpha:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def certified_threshold(confidence: np.ndarray, agree: np.ndarray, target: float,
+                        level: float = 0.95) -> tuple[float, float, float, float]:
+    """The lowest threshold whose collaborative agreement has a one-sided `level` Clopper-Pearson lower bound >=
+    target. Returns (threshold, exit_rate, observed agreement, lower bound); NEVER (no exits, bound 1.0) if none.
+
+    A position disagrees only when its draft exits and is wrong; with n positions fixed the bound depends on the
+    number of such errors alone, so the answer is the lowest cut with at most the largest certifiable error count.
+    Positions of one text are not independent draws, so the bound is optimistic by the text's correlation.
+    """
+    if not 0.0 < target <= 1.0:
+        raise SplitConfigError(f"target agreement {target!r} must be in (0, 1]")
+    c = np.asarray(confidence, dtype=np.float64)
+    a = np.asarray(agree, dtype=bool)
+    n = len(c)
+    if n == 0:
+        raise SplitConfigError("cannot calibrate on zero positions")
+    lo, hi = -1, n - 1  # the largest error count whose bound meets the target (the bound falls as errors grow)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if 1.0 - clopper_pearson_upper(mid, n, level) >= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    allowed = lo
+    if allowed < 0:
+        return NEVER, 0.0, 1.0, 1.0 - clopper_pearson_upper(0, n, level)
+    order = np.argsort(-c, kind="stable")
+    c_sorted, wrong = c[order], np.cumsum(~a[order])
+    last_of_value = np.r_[c_sorted[1:] != c_sorted[:-1], True]
+    ok = last_of_value & (wrong <= allowed)
+    if not ok.any():
+        return NEVER, 0.0, 1.0, 1.0 - clopper_pearson_upper(0, n, level)
+    i = int(np.nonzero(ok)[0].max())
+    errors = int(wrong[i])
+    return float(c_sorted[i]), (i + 1) / n, 1.0 - errors / n, 1.0 - clopper_pearson_upper(errors, n, level)

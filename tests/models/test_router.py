@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from offramp.models.router import fit_logistic, pick_threshold
+from offramp.models.router import certified_threshold, clopper_pearson_upper, fit_logistic, pick_threshold
 from offramp.shared.exit_rule import NEVER, ExitRule, load_exit_rule, logit_features, save_exit_rule
 from offramp.shared.errors import ArtifactError, SplitConfigError
 
@@ -83,3 +83,26 @@ def test_rule_round_trips_through_router_json(tmp_path):
     (tmp_path / "router.json").write_text("{not json")
     with pytest.raises(ArtifactError, match="router.json"):
         load_exit_rule(tmp_path)
+
+
+def test_clopper_pearson_matches_known_bounds():
+    # 0 errors in n: the "rule of three", 1 - 0.05**(1/n); 12 in 2,000: the research note's 0.97%.
+    assert clopper_pearson_upper(0, 1000) == pytest.approx(1 - 0.05 ** (1 / 1000), rel=1e-6)
+    assert clopper_pearson_upper(12, 2000) == pytest.approx(0.0097, abs=5e-5)
+    assert clopper_pearson_upper(5, 100) == pytest.approx(0.1023, abs=5e-4)
+    assert clopper_pearson_upper(10, 10) == 1.0
+    with pytest.raises(SplitConfigError, match="1.5"):
+        clopper_pearson_upper(1, 10, level=1.5)
+
+
+def test_certified_threshold_exits_less_than_the_point_estimate_and_meets_its_bound():
+    logits, agree = _synthetic(20_000, 3)
+    conf = ExitRule(kind="max_prob").confidences(logits)
+    point_t, point_rate, point_agr = pick_threshold(conf, agree, 0.99)
+    t, rate, agr, bound = certified_threshold(conf, agree, 0.99)
+    assert bound >= 0.99 and agr >= bound  # certified, and the observed agreement is above its own bound
+    assert t >= point_t and rate <= point_rate  # the bound costs exits
+    errors = round((1 - agr) * len(conf))
+    assert 1 - clopper_pearson_upper(errors + 1, len(conf)) < 0.99 or rate == 1.0  # one more error would not certify
+    # Too few positions to certify anything: no exits at all.
+    assert certified_threshold(np.array([0.9, 0.8]), np.array([True, True]), 0.99)[:3] == (NEVER, 0.0, 1.0)
