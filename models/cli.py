@@ -226,6 +226,9 @@ def _print_eval(res: dict) -> None:
             print(f"    best exit rate at agreement >= {o['target']} (threshold set on test): {o['exit_rate']:.3f}{extra}; "
                   f"certified (one-sided {o['level']:.0%} lower bound >= {o['target']}): {o['certified_exit_rate']:.3f}, "
                   f"bound {o['agreement_lower_bound']:.4f}")
+        for d in sw.get("lossless", []):
+            print(f"    lossless, {d['drafts']} drafts a round trip: {d['tokens_per_round_trip']:.2f} tokens per round trip, "
+                  f"acceptance {d['acceptance_rate']:.3f}")
     for name, fr in res.get("free_running", {}).items():
         print(f"  free-running {name} ({fr['prompts']} prompts): common prefix {fr['common_prefix_fraction']:.3f}, "
               f"exact {fr['exact_match_fraction']:.3f}, edge fraction {fr['edge_fraction']:.3f}")

@@ -109,6 +109,35 @@ def best_exit_rate_at(stats: ExitStats, rule: ExitRule, target: float, level: fl
             "certified_exit_rate": crate, "certified_agreement": cagr, "agreement_lower_bound": bound, "level": level}
 
 
+def lossless_drafting(agree: np.ndarray, seq: np.ndarray, drafts: Sequence[int] = (2, 4, 8)) -> list[dict]:
+    """Lossless mode's yield at each draft length, from teacher-forced agreement along whole held-out texts.
+
+    A round trip verifies up to `n` drafts: the edge's tokens are kept while they equal the full model's (then
+    they *are* its tokens, so the next draft sees the true prefix, and the teacher-forced agreement there is the
+    real one), and the cloud adds one token: the correction at the first wrong draft, or the next token after n
+    right ones. On serving text (the full model's own greedy continuations) this is exactly greedy lossless
+    decoding with blocks of n; the live loop pipelines blocks, which changes time, not these counts.
+    """
+    a = np.asarray(agree, dtype=bool)
+    bounds = np.r_[0, np.nonzero(np.diff(np.asarray(seq)))[0] + 1, len(a)]
+    out = []
+    for n in drafts:
+        tokens = trips = verified = accepted = 0
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            t = lo
+            while t < hi:
+                block = a[t : min(t + n, hi)]
+                run = int(np.argmin(block)) if not block.all() else len(block)
+                trips += 1
+                verified += run + (run < len(block))  # drafts after the first wrong one are never checked
+                accepted += run
+                tokens += min(run + 1, hi - t)  # the cloud's token, unless the text ended
+                t += run + 1
+        out.append({"drafts": n, "tokens_per_round_trip": tokens / max(trips, 1),
+                    "acceptance_rate": accepted / max(verified, 1), "round_trips": trips})
+    return out
+
+
 # --- free-running collaborative greedy ------------------------------------------------------------------------
 
 
@@ -303,6 +332,7 @@ def evaluate_layer(
         sw = sweep(stats, rule, [rule.threshold])
         sw["at_calibrated"] = point(stats, rule.from_features(stats.features), rule.threshold)
         sw["oracle_on_test"] = [best_exit_rate_at(stats, rule, t) for t in targets]
+        sw["lossless"] = lossless_drafting(stats.agree, data.seq[data.mask("test", sources)].numpy())
         if rule.kind != "max_prob":  # what the trained router buys over raw max-prob
             sw["oracle_on_test_max_prob"] = [best_exit_rate_at(stats, ExitRule(kind="max_prob"), t) for t in targets]
         result[name] = sw

@@ -85,3 +85,21 @@ def test_calibration_on_teacher_data_meets_target(home):
     # The threshold is certified, not a point estimate: the bound meets the target and is reported.
     assert rule.meta["calib_agreement_lower_bound"] >= 0.9 and rule.meta["confidence_level"] == 0.95
     assert rule.meta["calib_agreement"] >= rule.meta["calib_agreement_lower_bound"]
+
+
+def test_lossless_drafting_counts_round_trips_along_each_text():
+    from offramp.models.evaluate import lossless_drafting
+
+    # Text 0: right, right, wrong, right (4 positions); text 1: right, right (2 positions).
+    agree = np.array([1, 1, 0, 1, 1, 1], bool)
+    seq = np.array([0, 0, 0, 0, 1, 1])
+    two, four = lossless_drafting(agree, seq, drafts=(2, 4))
+    # 2 drafts: [r r]+bonus covers 3 positions (0,1 kept, the cloud's token at 2); then [r] at 3 and the text ends;
+    # text 1: [r r] and the text ends. 3 round trips, 6 tokens.
+    assert (two["round_trips"], two["tokens_per_round_trip"]) == (3, 2.0)
+    assert two["acceptance_rate"] == pytest.approx(5 / 5)
+    # 4 drafts: [r r w] stops at the wrong one (3 tokens), then [r] (1), then text 1 [r r] (2).
+    assert (four["round_trips"], four["tokens_per_round_trip"]) == (3, 2.0)
+    assert four["acceptance_rate"] == pytest.approx(5 / 6)
+    all_wrong = lossless_drafting(np.zeros(5, bool), np.zeros(5), drafts=(4,))[0]
+    assert all_wrong["tokens_per_round_trip"] == 1.0 and all_wrong["acceptance_rate"] == 0.0
