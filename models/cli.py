@@ -17,6 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_train_exits(subparsers)
     add_calibrate(subparsers)
     add_eval(subparsers)
+    add_ship_heads(subparsers)
 
 
 def add_export(subparsers: argparse._SubParsersAction) -> None:
@@ -91,8 +92,11 @@ def add_train_exits(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train-exits", help="distil an exit head at layer K from the full model (base frozen)")
     _add_exit_common(p)
     p.add_argument("--out", type=Path, default=None, help="head dir (default: artifacts cache for this model and K)")
-    p.add_argument("--kind", default="residual_mlp", help="head kind: residual_mlp (default) or mlp_stack")
+    p.add_argument("--kind", default="residual_mlp",
+                   help="head kind: residual_mlp (default), mlp_stack, or decoder_layer (one attention + FFN layer with its own KV)")
     p.add_argument("--depth", type=int, default=None, help="blocks in the head (default per kind)")
+    p.add_argument("--head-config", type=json.loads, default=None, metavar="JSON",
+                   help='keys over the kind\'s default config, e.g. \'{"init_layer": 29, "zero_output": true}\' for decoder_layer')
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 2000, --quick 40)")
     p.add_argument("--batch-tokens", type=int, default=None, help="positions per step (default 1024, --quick 256)")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -107,17 +111,18 @@ def run_train_exits(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from offramp.models.corpus import corpus_key
-    from offramp.models.heads import default_head_config
+    from offramp.models.heads import CONTEXT_HEAD_KINDS, default_head_config
     from offramp.models.train_exits import TRAIN_STATE, TrainConfig, prepare, train_head
 
     spec = _corpus_spec(args)
-    prep = prepare(args.model, spec, args.exit_layer)
+    prep = prepare(args.model, spec, args.exit_layer, context=args.kind in CONTEXT_HEAD_KINDS)
     dirs = {k: (args.out / f"k{k}" if args.out and len(args.exit_layer) > 1 else args.out) for k in args.exit_layer}
     for k in args.exit_layer:
         out = dirs[k] or _head_dirs(args, prep.fingerprint, "out")[k]
         head_config = default_head_config(args.kind, k)
         if args.depth is not None:
             head_config["depth"] = args.depth
+        head_config.update(args.head_config or {})
         cfg = TrainConfig(
             exit_layer=k, kind=args.kind, head_config=head_config, seed=args.seed, lr=args.lr,
             steps=args.steps or (40 if args.quick else 2000),
@@ -148,7 +153,7 @@ def add_calibrate(subparsers: argparse._SubParsersAction) -> None:
 def run_calibrate(args: argparse.Namespace) -> int:
     from offramp.models import load_model, model_fingerprint
     from offramp.models.evaluate import calibrate_head
-    from offramp.models.exit_heads import load_head
+    from offramp.models.exit_heads import head_kv_layers, load_head
     from offramp.shared.exit_rule import save_exit_rule
     from offramp.models.teacher import HUMAN_SOURCES, SERVING_SOURCES, SOURCES
     from offramp.models.train_exits import prepare
@@ -159,6 +164,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     sources = {"serving": SERVING_SOURCES, "human": HUMAN_SOURCES, "all": SOURCES}[args.on]
     for k, head_dir in dirs.items():
         head, _ = load_head(head_dir, prep.model)
+        if head_kv_layers(head):
+            prep.add_context([k])
         rule = calibrate_head(prep.data, head, k, args.target_agreement, args.router, sources)
         path = save_exit_rule(rule, head_dir)
         m = rule.meta
@@ -182,7 +189,7 @@ def add_eval(subparsers: argparse._SubParsersAction) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from offramp.models import load_model, model_fingerprint
     from offramp.models.evaluate import evaluate_layer, pareto_plot
-    from offramp.models.exit_heads import FinalNormHead, load_head
+    from offramp.models.exit_heads import FinalNormHead, head_kv_layers, load_head
     from offramp.shared.exit_rule import load_exit_rule
     from offramp.models.train_exits import prepare
 
@@ -195,6 +202,8 @@ def run_eval(args: argparse.Namespace) -> int:
     curves = {}
     for k, head_dir in dirs.items():
         head = FinalNormHead(prep.model) if baseline else load_head(head_dir, prep.model)[0]
+        if head_kv_layers(head):
+            prep.add_context([k])
         rule = load_exit_rule(None if baseline else head_dir)
         res = evaluate_layer(prep.model, prep.tokenizer, prep.sequences, prep.data, head, rule, k,
                              args.free_prompts if args.free_prompts > 0 else 0, args.max_new_tokens)
@@ -232,3 +241,25 @@ def _print_eval(res: dict) -> None:
     for name, fr in res.get("free_running", {}).items():
         print(f"  free-running {name} ({fr['prompts']} prompts): common prefix {fr['common_prefix_fraction']:.3f}, "
               f"exact {fr['exact_match_fraction']:.3f}, edge fraction {fr['edge_fraction']:.3f}")
+
+
+def add_ship_heads(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("ship-heads", help="copy trained, calibrated heads into the package (models/shipped_heads) with their figures")
+    p.add_argument("--model", default="default", help="'default', a local HF checkpoint dir, or a .gguf file")
+    p.add_argument("--exit-layer", type=int, nargs="+", required=True, help="K (each needs `train-exits` and `calibrate` first)")
+    p.add_argument("--head", type=Path, default=None, help="head dir (default: the artifacts cache for this model and K)")
+    p.set_defaults(func=run_ship_heads)
+
+
+def run_ship_heads(args: argparse.Namespace) -> int:
+    from offramp.models import load_model, model_fingerprint
+    from offramp.models.shipped import ship_head
+
+    model, tokenizer = load_model(args.model)
+    for k, head_dir in _head_dirs(args, model_fingerprint(model), "head").items():
+        out = ship_head(model, tokenizer, head_dir, k)
+        figures = json.loads((out / "eval.json").read_text())
+        lossless = {d["drafts"]: round(d["tokens_per_round_trip"], 2) for d in figures["lossless"]}
+        print(f"K={k}: shipped {out} ({figures['positions']} held-out positions: top-1 {figures['top1_agreement']:.3f}, "
+              f"lossless tokens per round trip by drafts {lossless}, at its threshold {figures['at_threshold']})")
+    return 0

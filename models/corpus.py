@@ -118,7 +118,7 @@ def generate_batched(
     desc: str = "generating",
 ) -> list[list[int]]:
     """Continuations of token-id prompts, left-padded in batches (many times faster than one by one on CPU)."""
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = next((t for t in (tok.pad_token_id, tok.eos_token_id) if t is not None), 0)  # masked anyway
     eos = tok.eos_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     out: list[list[int]] = [[] for _ in prompts]

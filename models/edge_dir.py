@@ -31,13 +31,15 @@ def model_name(spec: str) -> str:
 
 
 def find_trained_head(model: Any, exit_layer: int) -> Path | None:
-    """The head `offramp train-exits` left for this model and K, if any."""
+    """The head `offramp train-exits` left for this model and K, else the one offramp ships for them, if any."""
     from offramp.models.exit_heads import HEAD_MANIFEST
     from offramp.models.fingerprint import model_fingerprint
+    from offramp.models.shipped import shipped_head_dir
     from offramp.models.train_exits import default_head_dir
 
-    candidate = default_head_dir(model_fingerprint(model), exit_layer)
-    return candidate if (candidate / HEAD_MANIFEST).is_file() else None
+    fingerprint = model_fingerprint(model)
+    candidate = default_head_dir(fingerprint, exit_layer)
+    return candidate if (candidate / HEAD_MANIFEST).is_file() else shipped_head_dir(fingerprint, exit_layer)
 
 
 def pick_head(model: Any, exit_layer: int, head_dir: Path | str | None, use_trained: bool) -> Path | None:

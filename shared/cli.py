@@ -16,7 +16,7 @@ from offramp.shared.version import __version__
 SUBCOMMAND_MODULES = ("offramp.models.cli", "offramp.edge.cli", "offramp.cloud.cli", "offramp.bench.cli")
 # The parts an edge-only install (`pip install offramp`, no torch) lacks, and the subcommands each would add.
 CLOUD_EXTRA_MODULES = frozenset({"torch", "transformers", "safetensors", "gguf", "accelerate", "onnx", "onnxscript", "matplotlib"})
-NEEDS_CLOUD_EXTRA = {"offramp.models.cli": ("export", "train-exits", "calibrate", "eval"), "offramp.cloud.cli": ("cloud",)}
+NEEDS_CLOUD_EXTRA = {"offramp.models.cli": ("export", "train-exits", "calibrate", "eval", "ship-heads"), "offramp.cloud.cli": ("cloud",)}
 
 C = TypeVar("C")
 
