@@ -80,7 +80,8 @@ class OnnxEdgeRuntime:
         self.max_positions: int = m["max_positions"]
         self.precision: str = m["precision"]
         self._kv_shape = (1, m["num_kv_heads"], 0, m["head_dim"])
-        self._inputs, self._outputs = io_names(self.exit_layer)
+        self.kv_layers: int = self.exit_layer + int(m.get("head_kv_layers", 0))  # the exit head's own KV too
+        self._inputs, self._outputs = io_names(self.exit_layer, self.kv_layers - self.exit_layer)
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads or default_threads()
         options.inter_op_num_threads = 1
@@ -123,5 +124,5 @@ class OnnxEdgeRuntime:
         self._length = length
 
     def reset(self) -> None:
-        self._past = [np.zeros(self._kv_shape, dtype=np.float32) for _ in range(2 * self.exit_layer)]
+        self._past = [np.zeros(self._kv_shape, dtype=np.float32) for _ in range(2 * self.kv_layers)]
         self._length = 0

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from offramp.models.attention_head import exit_logits
 from offramp.models.corpus import TextSequence
 from offramp.models.fingerprint import model_fingerprint
 from offramp.shared.exit_rule import NEVER, ExitRule, logit_features
@@ -51,9 +52,8 @@ def exit_stats(head: nn.Module, data: TeacherData, mask: torch.Tensor, exit_laye
     """Run the head over the cached layer-K states of the masked positions and collect what rules and sweeps need."""
     idx = mask.nonzero()[:, 0]
     feats, agree, edge_lp = [], [], []
-    for start in range(0, len(idx), chunk):
-        sel = idx[start : start + chunk]
-        logits = head(data.hidden[exit_layer][sel].float()).float()
+    for sel, logits in exit_logits(head, data, exit_layer, idx, chunk):
+        logits = logits.float()
         agree.append((logits.argmax(-1) == data.top1[sel]).numpy())
         edge_lp.append(torch.log_softmax(logits, -1).gather(-1, data.next_token[sel][:, None])[:, 0].numpy())
         feats.append(logit_features(logits.numpy()))

@@ -39,6 +39,12 @@ class FinalNormHead(nn.Module):
         return {}
 
 
+def head_kv_layers(head: nn.Module | None) -> int:
+    """How many KV layers a head keeps in the edge graph's cache: 0 for position-wise heads, 1 for a head with its
+    own attention layer (`offramp.models.attention_head`)."""
+    return int(getattr(head, "kv_layers", 0)) if head is not None else 0
+
+
 HeadBuilder = Callable[[PreTrainedModel, dict], nn.Module]
 _BUILDERS: dict[str, HeadBuilder] = {FinalNormHead.kind: lambda model, cfg: FinalNormHead(model)}
 

@@ -24,7 +24,6 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from offramp.models.decoder import run_layers
 from offramp.models.fingerprint import model_fingerprint
 from offramp.models.split import EdgePart
 from offramp.shared.edge_manifest import (
@@ -45,7 +44,7 @@ def io_spec(edge: EdgePart) -> tuple[list[dict], list[dict]]:
     """Names, dtypes and shapes (symbolic dims named) of the graph's inputs and outputs, for the manifest."""
     g = edge.geometry
     kv_in, kv_out = [1, g.num_kv_heads, "past_len", g.head_dim], [1, g.num_kv_heads, "past_len + seq", g.head_dim]
-    ins, outs = io_names(edge.exit_layer)
+    ins, outs = io_names(edge.exit_layer, edge.head_kv_layers)
     inputs = [{"name": ins[0], "dtype": "int64", "shape": [1, "seq"]}, {"name": ins[1], "dtype": "int64", "shape": [1, "seq"]}]
     inputs += [{"name": n, "dtype": "float32", "shape": kv_in} for n in ins[2:]]
     outputs = [
@@ -65,11 +64,8 @@ class _EdgeGraph(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *past_flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(len(past_flat) // 2)]
-        e = self.edge
-        hidden = e.embed_tokens(input_ids)
-        hidden, present = run_layers(e.layers, e.rotary_emb, hidden, position_ids, past, explicit_mask=True)
-        logits = e.head(hidden[:, -1:, :])[:, 0, :]
-        return (logits, hidden, *[t for kv in present for t in kv])
+        out = self.edge(input_ids, position_ids, past, explicit_mask=True, last_only=True)
+        return (out.exit_logits[:, 0, :], out.hidden, *[t for kv in out.present for t in kv])
 
 
 def _trace(edge: EdgePart) -> onnx.ModelProto:
@@ -78,11 +74,11 @@ def _trace(edge: EdgePart) -> onnx.ModelProto:
     seq_len, past_len = 5, 3
     ids = torch.zeros((1, seq_len), dtype=torch.long)
     positions = torch.arange(past_len, past_len + seq_len)[None]
-    past = [torch.zeros(1, g.num_kv_heads, past_len, g.head_dim) for _ in range(2 * edge.exit_layer)]
+    past = [torch.zeros(1, g.num_kv_heads, past_len, g.head_dim) for _ in range(2 * (edge.exit_layer + edge.head_kv_layers))]
     seq = torch.export.Dim("seq", min=1, max=g.max_positions)
     past_dim = torch.export.Dim("past_len", min=0, max=g.max_positions)
     shapes = {"input_ids": {1: seq}, "position_ids": {1: seq}, "past_flat": tuple({2: past_dim} for _ in past)}
-    ins, outs = io_names(edge.exit_layer)
+    ins, outs = io_names(edge.exit_layer, edge.head_kv_layers)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -202,6 +198,7 @@ def export_edge(
                 "model_fingerprint": model_fingerprint(model),
                 "model_type": model.config.model_type,
                 "exit_layer": exit_layer,
+                "head_kv_layers": edge.head_kv_layers,
                 "precision": precision,
                 "quantization": quantization,
                 "opset": OPSET,

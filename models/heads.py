@@ -152,7 +152,11 @@ def _build_residual_mlp(model: PreTrainedModel, cfg: dict) -> ResidualMLPHead:
 register_head(ResidualMLPHead.kind, _build_residual_mlp)
 register_head(MLPStackHead.kind, _build_mlp_stack)
 
-HEAD_KINDS = (ResidualMLPHead.kind, MLPStackHead.kind)
+HEAD_KINDS = (ResidualMLPHead.kind, MLPStackHead.kind)  # position-wise: they read one layer-K state each
+DECODER_LAYER = "decoder_layer"  # offramp.models.attention_head: attends over past positions, with its own KV
+CONTEXT_HEAD_KINDS = (DECODER_LAYER,)
+
+import offramp.models.attention_head  # noqa: E402,F401  (registers decoder_layer; it imports this module)
 
 
 def default_head_config(kind: str, exit_layer: int) -> dict:
@@ -161,4 +165,6 @@ def default_head_config(kind: str, exit_layer: int) -> dict:
         return {"exit_layer": exit_layer, "depth": 2}
     if kind == ResidualMLPHead.kind:
         return {"width": 2048, "depth": 2}
+    if kind == DECODER_LAYER:
+        return {"init_layer": exit_layer, "zero_output": False}
     return {}

@@ -13,14 +13,14 @@ from transformers import PreTrainedModel
 
 from offramp.models.architecture import Geometry, check_exit_layer, check_supported
 from offramp.models.decoder import KV, run_layers
-from offramp.models.exit_heads import FinalNormHead
+from offramp.models.exit_heads import FinalNormHead, head_kv_layers
 
 
 @dataclass
 class EdgeOutput:
     exit_logits: torch.Tensor  # [batch, q_len, vocab]: the exit head's next-token logits
     hidden: torch.Tensor  # [batch, q_len, H]: layer-K hidden state, what the cloud continues from
-    present: list[KV]
+    present: list[KV]  # the edge layers' KV, then the head's own (if it attends: head_kv_layers)
 
 
 class EdgePart(nn.Module):
@@ -36,6 +36,7 @@ class EdgePart(nn.Module):
         self.layers = nn.ModuleList(model.model.layers[:exit_layer])
         self.rotary_emb = model.model.rotary_emb
         self.head = head if head is not None else FinalNormHead(model)
+        self.head_kv_layers = head_kv_layers(self.head)
 
     def forward(
         self,
@@ -43,10 +44,17 @@ class EdgePart(nn.Module):
         position_ids: torch.Tensor,
         past: list[KV] | None = None,
         explicit_mask: bool = False,
+        last_only: bool = False,
     ) -> EdgeOutput:
+        """`past`: the edge layers' KV, then the head's; `last_only`: exit logits of the last position only."""
+        k = self.exit_layer
         hidden = self.embed_tokens(input_ids)
-        hidden, present = run_layers(self.layers, self.rotary_emb, hidden, position_ids, past, explicit_mask)
-        return EdgeOutput(self.head(hidden), hidden, present)
+        hidden, present = run_layers(self.layers, self.rotary_emb, hidden, position_ids, None if past is None else past[:k], explicit_mask)
+        if self.head_kv_layers:  # the head attends: it runs over every new position, keeping its own KV
+            feats, head_present = self.head.run(hidden, position_ids, None if past is None else past[k:], explicit_mask)
+            logits = self.head.lm_head(feats[:, -1:] if last_only else feats)
+            return EdgeOutput(logits, hidden, present + head_present)
+        return EdgeOutput(self.head(hidden[:, -1:] if last_only else hidden), hidden, present)
 
 
 class CloudPart(nn.Module):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,6 +41,10 @@ class TeacherData:
     split: torch.Tensor  # [N] int8, index into SPLITS
     source: torch.Tensor  # [N] int8, index into SOURCES
     seq: torch.Tensor  # [N] int32, index of the sequence
+    # Filled by `add_context` for heads that see past positions (offramp.models.attention_head):
+    context: dict[int, torch.Tensor] = field(default_factory=dict)  # K -> [T, H] fp16, every position's layer-K state
+    context_span: torch.Tensor | None = None  # [sequences, 2] int64: (first row in context, positions) per sequence
+    context_row: torch.Tensor | None = None  # [N] int64: the row of each scored position in context
 
     def mask(self, split: str | None = None, sources: Sequence[str] | None = None) -> torch.Tensor:
         """Boolean [N] selecting one split and/or some sources."""
@@ -67,17 +71,8 @@ def _teacher_pass(
 ) -> dict[str, torch.Tensor]:
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("final", "top1", "topk", "next_token", "full_logprob", "seq")}
     out.update({f"layer{k}": [] for k in layers})
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].input_ids))
-    batches, cur = [], []
-    for i in order:
-        if cur and (len(cur) + 1) * len(seqs[i].input_ids) > batch_tokens:
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
     pad = 0
-    for batch in tqdm(batches, desc="teacher pass", unit="batch"):
+    for batch in tqdm(_length_batches(seqs, batch_tokens), desc="teacher pass", unit="batch"):
         width = max(len(seqs[i].input_ids) for i in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -112,6 +107,14 @@ def _family(source: str) -> str:
     return "selfgen" if source in ("chat", "plain", "sampled") else "human" if source in ("stdlib", "readme") else source
 
 
+def _families(seqs: Sequence[TextSequence]) -> list[list[int]]:
+    """Sequence indices per cache family, in first-seen order (the order teacher_data concatenates them)."""
+    families: dict[str, list[int]] = {}
+    for i, s in enumerate(seqs):
+        families.setdefault(_family(s.source), []).append(i)
+    return list(families.values())
+
+
 def teacher_data(
     model: PreTrainedModel, seqs: Sequence[TextSequence], layers: Sequence[int], batch_tokens: int = 2048
 ) -> TeacherData:
@@ -122,11 +125,8 @@ def teacher_data(
     """
     for k in layers:
         check_exit_layer(model, k)
-    families: dict[str, list[int]] = {}
-    for i, s in enumerate(seqs):
-        families.setdefault(_family(s.source), []).append(i)
     parts = []
-    for idx in families.values():
+    for idx in _families(seqs):
         part = _teacher_data_cached(model, [seqs[i] for i in idx], layers, batch_tokens)
         part.seq = torch.tensor(idx, dtype=torch.int32)[part.seq.long()]
         parts.append(part)
@@ -165,3 +165,86 @@ def _teacher_data_cached(
         source=source,
         seq=targets["seq"],
     )
+
+
+# --- sequence context: every position's layer-K state, for heads that attend over past positions ----------------
+
+
+def _length_batches(seqs: Sequence[TextSequence], batch_tokens: int) -> list[list[int]]:
+    """Sequence indices in batches of similar length, at most ~batch_tokens padded tokens each."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].input_ids))
+    batches, cur = [], []
+    for i in order:
+        if cur and (len(cur) + 1) * len(seqs[i].input_ids) > batch_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    return batches + ([cur] if cur else [])
+
+
+@torch.no_grad()
+def _context_pass(
+    model: PreTrainedModel, seqs: Sequence[TextSequence], layers: Sequence[int], batch_tokens: int
+) -> dict[int, torch.Tensor]:
+    """Layer-K states of positions 0..len-2 of every sequence (the inputs of its predictions), in sequence order."""
+    from offramp.models.decoder import run_layers
+
+    inner, out = model.model, {k: [None] * len(seqs) for k in layers}
+    for batch in tqdm(_length_batches(seqs, batch_tokens), desc="context pass", unit="batch"):
+        width = max(len(seqs[i].input_ids) for i in batch)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):  # right padding: causal attention keeps real positions exact
+            ids[row, : len(seqs[i].input_ids)] = torch.tensor(seqs[i].input_ids)
+        hidden, done = inner.embed_tokens(ids), 0
+        positions = torch.arange(width)[None].expand(len(batch), -1)
+        for k in sorted(layers):
+            hidden, _ = run_layers(inner.layers[done:k], inner.rotary_emb, hidden, positions)
+            done = k
+            for row, i in enumerate(batch):
+                out[k][i] = hidden[row, : max(len(seqs[i].input_ids) - 1, 0)].half()
+    return {k: torch.cat(v) if v else torch.zeros(0, model.config.hidden_size, dtype=torch.half) for k, v in out.items()}
+
+
+def _context_cached(
+    model: PreTrainedModel, seqs: Sequence[TextSequence], layers: Sequence[int], batch_tokens: int
+) -> dict[int, torch.Tensor]:
+    cache = _cache_dir(model, seqs)
+    missing = [k for k in layers if not (cache / f"context{k}.safetensors").is_file()]
+    if missing:
+        cache.mkdir(parents=True, exist_ok=True)
+        for k, states in _context_pass(model, seqs, missing, batch_tokens).items():
+            tmp = cache / f"context{k}.tmp"
+            save_file({"hidden": states}, str(tmp))
+            tmp.replace(cache / f"context{k}.safetensors")
+    return {k: load_file(str(cache / f"context{k}.safetensors"))["hidden"] for k in layers}
+
+
+def add_context(
+    model: PreTrainedModel, seqs: Sequence[TextSequence], data: TeacherData, layers: Sequence[int], batch_tokens: int = 2048
+) -> TeacherData:
+    """Fill data.context (layer-K states of every position, cached beside the teacher targets) and the maps from
+    sequences and scored rows into it; `data` must be `teacher_data(model, seqs, ...)`."""
+    layers = [k for k in layers if k not in data.context]
+    if not layers:
+        return data
+    for k in layers:
+        check_exit_layer(model, k)
+    lengths = torch.tensor([max(len(s.input_ids) - 1, 0) for s in seqs], dtype=torch.long)
+    span = torch.zeros((len(seqs), 2), dtype=torch.long)
+    states: dict[int, list[torch.Tensor]] = {k: [] for k in layers}
+    offset = 0
+    for idx in _families(seqs):
+        part = _context_cached(model, [seqs[i] for i in idx], layers, batch_tokens)
+        n = lengths[idx]
+        span[idx, 0] = offset + torch.cumsum(n, 0) - n
+        span[idx, 1] = n
+        offset += int(n.sum())
+        for k in layers:
+            states[k].append(part[k])
+    data.context.update({k: torch.cat(v) for k, v in states.items()})
+    seq = data.seq.long()
+    _, counts = torch.unique_consecutive(seq, return_counts=True)  # each sequence's rows are contiguous, in order
+    rank = torch.arange(len(seq)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    first = torch.tensor([max(s.score_from - 1, 0) for s in seqs], dtype=torch.long)
+    data.context_span, data.context_row = span, span[seq, 0] + first[seq] + rank
+    return data

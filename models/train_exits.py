@@ -21,7 +21,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from offramp.models.exit_heads import build_head, save_head
+from offramp.models.attention_head import SequenceRows, exit_logits, run_sequences, sample_groups
+from offramp.models.exit_heads import build_head, head_kv_layers, save_head
 from offramp.models.fingerprint import model_fingerprint
 from offramp.models.heads import default_head_config
 from offramp.models.corpus import CorpusSpec
@@ -67,7 +68,11 @@ def distill_loss(
     head: nn.Module, hidden: torch.Tensor, final: torch.Tensor, vocab_weight: torch.Tensor, hidden_weight: float
 ) -> torch.Tensor:
     """KL(teacher || head) over the training vocabulary (+ optional feature cosine loss)."""
-    feats = head.features(hidden)
+    return feature_loss(head.features(hidden), final, vocab_weight, hidden_weight)
+
+
+def feature_loss(feats: torch.Tensor, final: torch.Tensor, vocab_weight: torch.Tensor, hidden_weight: float) -> torch.Tensor:
+    """distill_loss from the head's normed features (a context head computes them over whole sequences)."""
     student = F.log_softmax(feats @ vocab_weight.T, -1)
     with torch.no_grad():
         teacher = F.log_softmax(final @ vocab_weight.T, -1)
@@ -84,9 +89,8 @@ def agreement(head: nn.Module, data: TeacherData, mask: torch.Tensor, exit_layer
     if len(idx) == 0:
         return float("nan")
     hits = 0
-    for start in range(0, len(idx), chunk):
-        sel = idx[start : start + chunk]
-        hits += (head(data.hidden[exit_layer][sel].float()).argmax(-1) == data.top1[sel]).sum().item()
+    for sel, logits in exit_logits(head, data, exit_layer, idx, chunk):
+        hits += (logits.argmax(-1) == data.top1[sel]).sum().item()
     return hits / len(idx)
 
 
@@ -126,6 +130,16 @@ def train_head(
     vocab = training_vocab(data, train)
     vocab_weight = model.lm_head.weight[vocab].detach()
     hidden_k, final = data.hidden[cfg.exit_layer], data.final
+    # A head that attends trains on whole sequences: batch_tokens scored positions of a few random sequences.
+    sequences = SequenceRows(data, train_idx, cfg.exit_layer) if head_kv_layers(head) else None
+
+    def batch_loss() -> torch.Tensor:
+        if sequences is None:
+            sel = train_idx[torch.randint(len(train_idx), (cfg.batch_tokens,), generator=gen)]
+            return distill_loss(head, hidden_k[sel].float(), final[sel].float(), vocab_weight, cfg.hidden_weight)
+        x, index, sel = sequences.batch(sample_groups(sequences, cfg.batch_tokens, gen), cfg.batch_tokens)
+        feats = run_sequences(head, x)[index[:, 0], index[:, 1]]
+        return feature_loss(feats, final[sel].float(), vocab_weight, cfg.hidden_weight)
 
     step, losses, elapsed = 0, [], 0.0
     state_path = out_dir / TRAIN_STATE
@@ -161,8 +175,7 @@ def train_head(
             break
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        sel = train_idx[torch.randint(len(train_idx), (cfg.batch_tokens,), generator=gen)]
-        loss = distill_loss(head, hidden_k[sel].float(), final[sel].float(), vocab_weight, cfg.hidden_weight)
+        loss = batch_loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -214,9 +227,17 @@ class Prepared:
     sequences: list
     data: TeacherData
 
+    def add_context(self, layers: list[int]) -> "Prepared":
+        """Every position's layer-K state for these layers (cached beside the teacher targets; once per corpus)."""
+        from offramp.models.teacher import add_context
 
-def prepare(model_spec: str, spec: CorpusSpec, layers: list[int]) -> Prepared:
-    """Load the model, build (or read the cached) corpus and teacher targets for the given exit layers."""
+        add_context(self.model, self.sequences, self.data, layers)
+        return self
+
+
+def prepare(model_spec: str, spec: CorpusSpec, layers: list[int], context: bool = False) -> Prepared:
+    """Load the model, build (or read the cached) corpus and teacher targets for the given exit layers; `context`:
+    also every position's layer-K state (`Prepared.add_context`), what heads that attend train and run on."""
     from offramp.models.checkpoints import load_model
     from offramp.models.corpus import build_corpus
     from offramp.models.teacher import teacher_data
@@ -224,7 +245,8 @@ def prepare(model_spec: str, spec: CorpusSpec, layers: list[int]) -> Prepared:
     model, tok = load_model(model_spec)
     seqs = build_corpus(model, tok, spec)
     data = teacher_data(model, seqs, layers)
-    return Prepared(model, tok, model_fingerprint(model), spec, seqs, data)
+    prep = Prepared(model, tok, model_fingerprint(model), spec, seqs, data)
+    return prep.add_context(layers) if context else prep
 
 
 def default_head_dir(fingerprint: str, exit_layer: int) -> Path:

@@ -154,3 +154,27 @@ def test_local_engine_uses_the_calibrated_rule(tiny) -> None:
         assert engine.exit_rule["threshold"] == CALIBRATED and engine.exit_rule["head"] == str(head_dir)
     with LocalEngine(spec, exit_layer=K, precision="fp32", loaded=loaded, threshold=0.7, trained_head=False) as engine:
         assert engine.exit_rule == {"head": "final-norm (untrained)", "rule": "max_prob", "threshold": 0.7, "threshold_source": "flag"}
+
+
+def test_train_exits_decoder_layer_then_export_bakes_it_in(tmp_path, monkeypatch, capsys) -> None:
+    """`offramp train-exits --kind decoder_layer` end to end on a tiny checkpoint, then `offramp export` puts that
+    head (and its KV inputs) into the edge directory, and `generate --edge` runs it."""
+    from offramp.shared.edge_dir import EdgeDirManifest
+    from offramp.shared.edge_manifest import read_manifest
+
+    monkeypatch.setenv("OFFRAMP_HOME", str(tmp_path / "home"))
+    spec = str(save_tiny_checkpoint(tmp_path / "ckpt", num_layers=4, seed=5))
+    head_dir, out_dir = tmp_path / "head", tmp_path / "edge"
+    assert main(["train-exits", "--model", spec, "--exit-layer", str(K), "--quick", "--kind", "decoder_layer",
+                 "--head-config", '{"init_layer": 3}', "--steps", "3", "--out", str(head_dir)]) == 0
+    assert "calib top-1 agreement" in capsys.readouterr().out
+    trained = json.loads((head_dir / "head.json").read_text())
+    assert trained["kind"] == "decoder_layer" and trained["config"] == {"init_layer": 3, "zero_output": False}
+    assert main(["export", "--model", spec, "--exit-layer", str(K), "--out", str(out_dir), "--precision", "fp32",
+                 "--head", str(head_dir)]) == 0
+    assert "head decoder_layer" in capsys.readouterr().out
+    manifest = EdgeDirManifest.read(out_dir)
+    assert manifest.head["kind"] == "decoder_layer" and manifest.head["manifest"]["config"] == trained["config"]
+    assert read_manifest(out_dir / manifest.graphs["fp32"])["head_kv_layers"] == 1
+    out = generate_json(capsys, spec, "--edge", str(out_dir))  # collaborative (lossless by default) on that graph
+    assert len(out["token_ids"]) == 4 and out["edge_dir"] == str(out_dir)
