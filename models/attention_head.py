@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 
 from offramp.models.decoder import KV, run_layers
 from offramp.models.exit_heads import head_kv_layers, register_head
-from offramp.models.heads import _final_norm
+from offramp.models.heads import _final_norm, check_config_keys
 from offramp.models.teacher import TeacherData
 from offramp.shared.errors import SplitConfigError
 
@@ -45,9 +45,12 @@ class DecoderLayerHead(nn.Module):
         self.layer.requires_grad_(True)
         if init_layer is None:  # random projections, unit norms (as a freshly built layer)
             std = getattr(model.config, "initializer_range", 0.02)
-            for name, p in self.layer.named_parameters():
-                with torch.no_grad():
-                    p.fill_(1.0) if "layernorm" in name else p.normal_(0.0, std)
+            with torch.no_grad():
+                for name, p in self.layer.named_parameters():
+                    if "layernorm" in name:
+                        p.fill_(1.0)
+                    else:
+                        p.normal_(0.0, std)
         if self.zero_output:  # the layer starts as the identity: the head starts as the untrained baseline
             with torch.no_grad():
                 self.layer.self_attn.o_proj.weight.zero_()
@@ -77,10 +80,7 @@ class DecoderLayerHead(nn.Module):
 
 
 def _build_decoder_layer(model: PreTrainedModel, cfg: dict) -> DecoderLayerHead:
-    unknown = set(cfg) - {"init_layer", "zero_output"}
-    if unknown:
-        raise SplitConfigError(f"decoder_layer head config has unknown keys {sorted(unknown)} (known: init_layer, zero_output)")
-    return DecoderLayerHead(model, **cfg)
+    return DecoderLayerHead(model, **check_config_keys(DecoderLayerHead.kind, cfg, {"init_layer", "zero_output"}))
 
 
 register_head(DecoderLayerHead.kind, _build_decoder_layer)

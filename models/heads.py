@@ -142,11 +142,16 @@ def _build_mlp_stack(model: PreTrainedModel, cfg: dict) -> MLPStackHead:
     return MLPStackHead(model, cfg["exit_layer"], cfg.get("depth", 2))
 
 
-def _build_residual_mlp(model: PreTrainedModel, cfg: dict) -> ResidualMLPHead:
-    unknown = set(cfg) - {"width", "depth"}
+def check_config_keys(kind: str, cfg: dict, known: set[str]) -> dict:
+    """`cfg` itself, unless it has keys the kind does not take (SplitConfigError naming them)."""
+    unknown = set(cfg) - known
     if unknown:
-        raise SplitConfigError(f"residual_mlp head config has unknown keys {sorted(unknown)} (known: depth, width)")
-    return ResidualMLPHead(model, **cfg)
+        raise SplitConfigError(f"{kind} head config has unknown keys {sorted(unknown)} (known: {', '.join(sorted(known))})")
+    return cfg
+
+
+def _build_residual_mlp(model: PreTrainedModel, cfg: dict) -> ResidualMLPHead:
+    return ResidualMLPHead(model, **check_config_keys(ResidualMLPHead.kind, cfg, {"width", "depth"}))
 
 
 register_head(ResidualMLPHead.kind, _build_residual_mlp)

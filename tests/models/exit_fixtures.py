@@ -16,3 +16,13 @@ def synthetic_sequences(n: int = 60, length: int = 40, vocab: int = 128, seed: i
         ids = torch.randint(3, vocab, (length,), generator=g).tolist()
         seqs.append(TextSequence(f"doc{i}", source, split_of(f"doc{i}"), ids, score_from))
     return seqs
+
+
+def perturbed(head: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """A head with random weights, as if trained (what the exporter tests can build too)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in head.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return head.eval()

@@ -20,7 +20,7 @@ from offramp.models.train_exits import TRAIN_STATE, TrainConfig, agreement, trai
 from offramp.shared.edge_manifest import GRAPH_FILE, MANIFEST_FILE
 from offramp.shared.errors import SplitConfigError
 from tests.conftest import make_tiny_llama
-from tests.models.exit_fixtures import synthetic_sequences
+from tests.models.exit_fixtures import perturbed, synthetic_sequences
 
 K = 2
 
@@ -29,15 +29,6 @@ K = 2
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("OFFRAMP_HOME", str(tmp_path / "home"))
     return tmp_path
-
-
-def _perturbed(head: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in head.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return head.eval()
 
 
 def test_context_holds_every_position_and_maps_the_scored_rows(home):
@@ -70,7 +61,7 @@ def test_zero_output_head_starts_as_the_baseline_and_configs_are_checked(tiny_mo
 
 @pytest.mark.parametrize("config", [{"init_layer": K}, {"init_layer": 3}, {"init_layer": None, "zero_output": True}])
 def test_saved_head_loads_back_with_identical_outputs(config, tiny_model, tmp_path):
-    head = _perturbed(build_head("decoder_layer", tiny_model, config))
+    head = perturbed(build_head("decoder_layer", tiny_model, config))
     save_head(head, tmp_path / "h", {"exit_layer": K, "model_fingerprint": "x"})
     loaded, manifest = load_head(tmp_path / "h", tiny_model)
     x = torch.randn(2, 5, tiny_model.config.hidden_size)
@@ -82,7 +73,7 @@ def test_exit_logits_run_each_row_in_its_sequence(home):
     model = make_tiny_llama(num_layers=4)
     seqs = synthetic_sequences(n=12)
     data = add_context(model, seqs, teacher_data(model, seqs, [K]), [K])
-    head = _perturbed(build_head("decoder_layer", model, {"init_layer": K}))
+    head = perturbed(build_head("decoder_layer", model, {"init_layer": K}))
     idx = torch.arange(len(data.top1))[::3]  # rows of many sequences, not all of each
     got = torch.cat([logits for _, logits in exit_logits(head, data, K, idx, chunk=40)])
     for r in idx[:: 7].tolist():  # each row: the head over its sequence's prefix, from position 0
@@ -121,7 +112,7 @@ def test_training_on_sequences_raises_agreement_and_resumes(home):
 
 
 def test_exported_graph_equals_the_torch_head_through_prefill_steps_and_rollback(tiny_model, tmp_path):
-    head = _perturbed(DecoderLayerHead(tiny_model, init_layer=K))
+    head = perturbed(DecoderLayerHead(tiny_model, init_layer=K))
     graph = export_edge(tiny_model, K, tmp_path / "g", "fp32", head=head, progress=False)
     manifest = json.loads((graph / MANIFEST_FILE).read_text())
     assert manifest["head_kv_layers"] == 1 and manifest["head"]["kind"] == "decoder_layer"
@@ -151,7 +142,7 @@ def test_exported_graph_equals_the_torch_head_through_prefill_steps_and_rollback
 
 
 def test_quantized_graph_with_the_head_runs(tiny_model, tmp_path):
-    head = _perturbed(DecoderLayerHead(tiny_model, init_layer=K))
+    head = perturbed(DecoderLayerHead(tiny_model, init_layer=K))
     graph = export_edge(tiny_model, K, tmp_path / "q", "int8", head=head, progress=False)
     rt = OnnxEdgeRuntime(graph)
     rt.run([1, 2, 3])

@@ -14,7 +14,7 @@ from offramp.models.teacher import teacher_data
 from offramp.models.train_exits import TRAIN_STATE, TrainConfig, distill_loss, train_head, training_vocab
 from offramp.shared.errors import ArtifactError, SplitConfigError
 from tests.conftest import make_tiny_llama
-from tests.models.exit_fixtures import synthetic_sequences
+from tests.models.exit_fixtures import perturbed, synthetic_sequences
 
 
 @pytest.fixture()
@@ -23,19 +23,9 @@ def home(tmp_path, monkeypatch):
     return tmp_path
 
 
-def _perturbed(head: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    """A head with random weights, as if trained (what the exporter tests can build too)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in head.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return head.eval()
-
-
 @pytest.mark.parametrize("kind", HEAD_KINDS)
 def test_saved_head_loads_back_with_identical_outputs(kind, tiny_model, tmp_path):
-    head = _perturbed(build_head(kind, tiny_model, {"exit_layer": 2} if kind == "mlp_stack" else {"width": 32}))
+    head = perturbed(build_head(kind, tiny_model, {"exit_layer": 2} if kind == "mlp_stack" else {"width": 32}))
     save_head(head, tmp_path / "h", {"exit_layer": 2, "model_fingerprint": "x"})
     loaded, manifest = load_head(tmp_path / "h", tiny_model)
     x = torch.randn(2, 5, tiny_model.config.hidden_size)
