@@ -75,19 +75,11 @@ class EdgeConnection:
         if msg.type != WSMsgType.BINARY:
             await self._refuse(p.NOT_HELLO, f"expected a binary hello frame, got {msg.type.name}")
             return False
-        try:
-            hello = p.decode_frame(msg.data, self.state.config.max_frame_bytes)
-        except p.ProtocolError as exc:
-            await self._refuse(exc.code, str(exc))
+        reply = hello_reply(self.state, msg.data)
+        if isinstance(reply, p.Error):
+            await self._refuse(reply.code, reply.message)
             return False
-        if not isinstance(hello, p.Hello):
-            await self._refuse(p.NOT_HELLO, f"the first frame must be hello, got {hello.type}")
-            return False
-        problem = self.state.check_hello(hello)
-        if problem is not None:
-            await self._refuse(*problem)
-            return False
-        await self.send(self.state.welcome())
+        await self.send(reply)
         return True
 
     async def _refuse(self, code: str, message: str) -> None:
@@ -174,7 +166,7 @@ class EdgeConnection:
         req = ExtendRequest(
             frame.session, frame.start, hidden, self.owner, frame.epoch, frame.want_token, list(frame.drafts),
             _draft_q(frame, state.vocab_size), SamplingParams(frame.temperature, frame.top_p), frame.seed,
-            frame.top_logprobs, frame.rebase,
+            frame.top_logprobs, frame.rebase, frame.base_epoch,
         )
         try:
             result = await state.batcher.submit(req)
@@ -189,6 +181,18 @@ class EdgeConnection:
         state.metrics.drafts.labels("rejected").inc(len(frame.drafts) - result.accepted)
         return p.Result(frame.id, frame.session, result.epoch, result.start, result.predicted, result.logprobs, result.accepted,
                         result.token, result.length, result.token_logprobs, result.top_ids, result.top_logprobs)
+
+
+def hello_reply(state: "CloudState", data: bytes) -> p.Frame:
+    """The answer to an edge's first frame: Welcome, or the Error that refuses it (then the connection closes)."""
+    try:
+        hello = p.decode_frame(data, state.config.max_frame_bytes)
+    except p.ProtocolError as exc:
+        return p.Error(0, exc.code, str(exc))
+    if not isinstance(hello, p.Hello):
+        return p.Error(0, p.NOT_HELLO, f"the first frame must be hello, got {hello.type}")
+    problem = state.check_hello(hello)
+    return state.welcome() if problem is None else p.Error(0, *problem)
 
 
 def _draft_q(frame: p.Extend, vocab_size: int) -> list[SparseDistribution] | None:

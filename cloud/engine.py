@@ -72,7 +72,9 @@ class DeepEngine:
             raise ContextMismatchError(req.session_id, req.start, 0, 0, "unknown session: never opened here, closed, evicted or restarted") from None
         if req.epoch < ctx.epoch:
             raise StaleRequestError(req.session_id, req.epoch, ctx.epoch, ctx.length)
-        if req.epoch > ctx.epoch and not req.rebase:  # the edge rolled back elsewhere since this copy was made
+        if req.epoch > ctx.epoch and not (req.rebase and req.base_epoch == ctx.epoch):
+            # the edge rolled back elsewhere since this copy was made, and its rebase (if any) was worked out
+            # against another copy (the session moved between replicas and came back): say what this one holds
             raise ContextMismatchError(req.session_id, req.start, ctx.length, ctx.epoch, "held at an older epoch")
         if req.start > ctx.length:
             raise ContextMismatchError(req.session_id, req.start, ctx.length, ctx.epoch)

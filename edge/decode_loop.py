@@ -274,6 +274,7 @@ class _Run:
         self.epoch = 0
         self.rollbacks = RollbackLog()
         self.rebase = False
+        self.rebase_base = 0  # the epoch of the copy a pending rebase was worked out against
         self.resyncs = 0
         self.verifying: set[int] = set()
         self.inflight: dict[asyncio.Task, _Block] = {}
@@ -501,6 +502,7 @@ class _Run:
             drafts=[self.tokens[p] for p in drafts],
             draft_q=[self.q[p] for p in drafts] if sampled and drafts else None,
             sampling=self.options.sampling, seed=self.seed, top_logprobs=self.options.top_logprobs, rebase=self.rebase,
+            base_epoch=self.rebase_base,
         )
         block = _Block(start, end - start, self.epoch, drafts, time.perf_counter())
         self.sent = end
@@ -606,15 +608,16 @@ class _Run:
         if exc.epoch == self.epoch:
             self._resync(exc.have, self.epoch, rebase=False)
         elif exc.epoch < self.epoch:  # an older copy: valid only below what was rolled back since
-            self._resync(self.rollbacks.valid_prefix(exc.epoch, exc.have), self.epoch, rebase=True)
+            self._resync(self.rollbacks.valid_prefix(exc.epoch, exc.have), self.epoch, rebase=True, base=exc.epoch)
         else:  # the cloud rejected drafts whose answers never reached the edge
             self.rollbacks.record(exc.epoch, exc.have)
             self._resync(exc.have, exc.epoch, rebase=False)
 
-    def _resync(self, have: int, epoch: int, rebase: bool) -> None:
+    def _resync(self, have: int, epoch: int, rebase: bool, base: int = 0) -> None:
         self.epoch = max(self.epoch, epoch)
         self.sent = min(self.sent, have)
-        self.rebase = self.rebase or rebase
+        if rebase:  # only the copy held at `base` may take it (another replica's copy answers what it holds)
+            self.rebase, self.rebase_base = True, base
 
     def _on_unavailable(self, block: _Block) -> None:
         """The cloud cannot be reached: pending drafts and what follows become edge-fallback tokens, and what it

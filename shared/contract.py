@@ -71,6 +71,7 @@ class ExtendRequest:
     seed: int = 0  # randomness of position i is position_uniforms(seed, i)
     top_logprobs: int = 0  # alternatives to return per decided position
     rebase: bool = False  # the edge resumes a session it last held at an older epoch, from a prefix it knows valid
+    base_epoch: int = 0  # ... valid in the copy held at this epoch (a copy at any other epoch refuses the rebase)
 
     def __post_init__(self) -> None:
         rows = int(self.hidden.shape[0]) if self.hidden.ndim >= 1 else 0
@@ -127,7 +128,7 @@ def extend_frame(request_id: int, request: ExtendRequest, payload: bytes) -> p.E
         request_id, request.session_id, int(request.epoch), int(request.start), request.rows, payload,
         bool(request.want_token), [int(d) for d in request.drafts], support, q_ids, q_probs,
         float(request.sampling.temperature), float(request.sampling.top_p), int(request.seed),
-        int(request.top_logprobs), bool(request.rebase),
+        int(request.top_logprobs), bool(request.rebase), int(request.base_epoch),
     )
 
 

@@ -11,8 +11,10 @@ to verify and whether the cloud should pick the next token (see `offramp.shared.
 pipelined behind a draft the cloud rejected: nothing computed), `Evicted` (the cloud lacks the session's context
 from `have` on, or holds it at another epoch: re-upload from a prefix both agree on) and `Error`.
 
-Version 2 (this one) added epochs, draft verification (greedy and speculative sampling), `Stale`, `rebase` and
-per-token log-probs; a version-1 edge is refused with `version_mismatch`.
+Version 2 added epochs, draft verification (greedy and speculative sampling), `Stale`, `rebase` and per-token
+log-probs. Version 3 (this one) adds `Extend.base_epoch`: a rebase names the epoch of the copy it was computed
+against, so a session that moved between replicas and came back is never resumed on a copy the rebase did not
+account for; an older edge is refused with `version_mismatch`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import msgpack
 
 from offramp.shared.errors import OfframpError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 EDGE_PATH = "/v1/edge"
 DEFAULT_MAX_FRAME_BYTES = 16 << 20
 MAX_SESSION_ID = 128
@@ -163,6 +165,7 @@ class Extend(Frame):
     seed: int = 0
     top_logprobs: int = 0
     rebase: bool = False
+    base_epoch: int = 0  # with rebase: the epoch of the copy `start` was computed against (only that copy takes it)
 
     def validate(self) -> None:
         if len(self.drafts) + int(self.want_token) > self.rows:

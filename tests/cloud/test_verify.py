@@ -90,7 +90,10 @@ def test_a_copy_at_an_older_epoch_is_resumed_only_by_a_rebase(model) -> None:
     with pytest.raises(ContextMismatchError) as err:  # the edge rolled back elsewhere (epoch 3) since this copy
         eng.extend(ExtendRequest("s", 4, hidden[4:], epoch=3))
     assert (err.value.have, err.value.epoch) == (4, 0)
-    out = eng.extend(ExtendRequest("s", 2, hidden[2:], epoch=3, rebase=True))  # the edge knows rows 0..1 still hold
+    with pytest.raises(ContextMismatchError) as err:  # a rebase worked out against another copy (epoch 2) is refused
+        eng.extend(ExtendRequest("s", 2, hidden[2:], epoch=3, rebase=True, base_epoch=2))
+    assert (err.value.have, err.value.epoch) == (4, 0)
+    out = eng.extend(ExtendRequest("s", 2, hidden[2:], epoch=3, rebase=True, base_epoch=0))  # the edge knows rows 0..1 still hold
     assert (out.length, out.epoch) == (6, 3)
     assert out.predicted == reference_predictions(model, hidden)[2:]
 

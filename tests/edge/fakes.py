@@ -157,7 +157,7 @@ class FakeCloudLink:
             del held[self.evict_to:]
         if request.epoch < epoch:
             raise StaleRequestError(session, request.epoch, epoch, len(held))
-        if request.epoch > epoch and not request.rebase:
+        if request.epoch > epoch and not (request.rebase and request.base_epoch == epoch):
             raise ContextMismatchError(session, start, len(held), epoch, "held at an older epoch")
         if start > len(held):
             raise ContextMismatchError(session, start, len(held), epoch)

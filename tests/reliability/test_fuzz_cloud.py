@@ -257,8 +257,8 @@ OUT_OF_RANGE = {"temperature": st.floats(max_value=-1e-9, allow_nan=False, allow
                 "rows": st.just(0)}  # an escalation (want_token) needs a row
 FIELD_KINDS = {"id": int, "epoch": int, "start": int, "rows": int, "seed": int, "top_logprobs": int, "q_support": int,
                "session": str, "codec": str, "payload": bytes, "q_ids": bytes, "q_probs": bytes,
-               "temperature": float, "top_p": float, "want_token": bool, "rebase": bool, "drafts": list}
-OPTIONAL = ("want_token", "drafts", "q_support", "q_ids", "q_probs", "temperature", "top_p", "seed", "top_logprobs", "rebase")
+               "temperature": float, "top_p": float, "want_token": bool, "rebase": bool, "base_epoch": int, "drafts": list}
+OPTIONAL = ("want_token", "drafts", "q_support", "q_ids", "q_probs", "temperature", "top_p", "seed", "top_logprobs", "rebase", "base_epoch")
 EDGE_FRAMES = {"open": ["id", "session", "codec"], "close": ["id", "session"],
                "extend": ["id", "session", "epoch", "start", "rows", "payload", *OPTIONAL]}
 CLOUD_ONLY = [p.Welcome(p.PROTOCOL_VERSION, "x", 2, 256, ["fp32"], 1024), p.Opened(1, "s", 0), p.Closed(1, "s"),
@@ -447,7 +447,8 @@ def session_op(data: st.DataObject, fz: FuzzState, max_positions: int) -> tuple[
             probs = np.tile(np.array([0.75, 0.25], dtype="<f4"), (len(drafts), 1))
             q = {"q_support": 2, "q_ids": ids.tobytes(), "q_probs": probs.tobytes()}
     frame = p.Extend(rid, session, sent_epoch, start, rows, payload, want_token, drafts, temperature=temperature, top_p=top_p,
-                     seed=seed, top_logprobs=data.draw(st.sampled_from([0, 0, 3]), label="top"), rebase=when == "rebase", **q)
+                     seed=seed, top_logprobs=data.draw(st.sampled_from([0, 0, 3]), label="top"), rebase=when == "rebase",
+                     base_epoch=epoch if when == "rebase" else 0, **q)
     req |= {"start": start, "rows": rows, "codec": codec, "epoch": sent_epoch, "when": when, "want_token": want_token, "drafts": drafts}
     label = f"{op}_{target}_{codec}_{kind}_{where}_{when}"
     if target == "foreign":

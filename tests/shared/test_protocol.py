@@ -20,7 +20,7 @@ EXAMPLES = [
     p.Extend(4, "s", 1, 2, 1, b"\x00" * 4, temperature=0.7, top_p=0.9, seed=11),  # an escalation
     p.Extend(5, "s", 1, 2, 3, b"\x00" * 12, want_token=False, drafts=[7, 8, 9]),  # greedy verification
     p.Extend(6, "s", 1, 2, 3, b"\x00" * 12, drafts=[7, 8], q_support=2, q_ids=b"\x00" * 16, q_probs=b"\x00" * 16,
-             temperature=1.0, seed=5, top_logprobs=3, rebase=True),  # sampled verification + a pick
+             temperature=1.0, seed=5, top_logprobs=3, rebase=True, base_epoch=2),  # sampled verification + a pick
     p.Result(4, "s", 1, 2, [5], [-0.5], 0, 5, 3, [-0.5]),
     p.Result(3, "s", 0, 0, [1, 2], [-0.1, -0.2], 0, None, 2),
     p.Result(6, "s", 2, 2, [7, 1, 4], [-0.1, -0.2, -0.3], 1, 1, 4, [-0.1, -0.9], [[7, 3], [1, 8]], [[-0.1, -2.5], [-0.2, -0.9]]),
