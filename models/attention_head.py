@@ -30,7 +30,12 @@ from offramp.shared.errors import SplitConfigError
 
 
 class DecoderLayerHead(nn.Module):
-    """A trainable decoder layer (init: a copy of layer `init_layer`, or random) + tuned final norm + frozen LM head."""
+    """A trainable decoder layer + tuned final norm + frozen LM head.
+
+    `init_layer`: the layer whose weights it starts from (negative counts from the end: -1, the last layer, is the
+    measured best, see `offramp.models.heads`), None for random projections; `zero_output` zeroes o_proj and
+    down_proj so the head starts as the untrained baseline.
+    """
 
     kind = "decoder_layer"
     kv_layers = 1
@@ -38,8 +43,10 @@ class DecoderLayerHead(nn.Module):
     def __init__(self, model: PreTrainedModel, init_layer: int | None = None, zero_output: bool = False) -> None:
         super().__init__()
         n = model.config.num_hidden_layers
-        if init_layer is not None and (not isinstance(init_layer, int) or not 0 <= init_layer <= n - 1):
-            raise SplitConfigError(f"decoder_layer init_layer {init_layer!r} is out of range 0..{n - 1} (or null: random)")
+        if init_layer is not None and (not isinstance(init_layer, int) or not -n <= init_layer <= n - 1):
+            raise SplitConfigError(
+                f"decoder_layer init_layer {init_layer!r} is out of range 0..{n - 1} (negative: from the end; null: random)"
+            )
         self.init_layer, self.zero_output = init_layer, bool(zero_output)
         self.layer = copy.deepcopy(model.model.layers[0 if init_layer is None else init_layer])
         self.layer.requires_grad_(True)

@@ -96,7 +96,8 @@ def add_train_exits(subparsers: argparse._SubParsersAction) -> None:
                    help="head kind: residual_mlp (default), mlp_stack, or decoder_layer (one attention + FFN layer with its own KV)")
     p.add_argument("--depth", type=int, default=None, help="blocks in the head (default per kind)")
     p.add_argument("--head-config", type=json.loads, default=None, metavar="JSON",
-                   help='keys over the kind\'s default config, e.g. \'{"init_layer": 29, "zero_output": true}\' for decoder_layer')
+                   help='keys over the kind\'s default config, e.g. \'{"init_layer": 15, "zero_output": true}\' for decoder_layer '
+                        '(default: a copy of the last layer, init_layer -1)')
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 2000, --quick 40)")
     p.add_argument("--batch-tokens", type=int, default=None, help="positions per step (default 1024, --quick 256)")
     p.add_argument("--lr", type=float, default=1e-3)
