@@ -16,6 +16,7 @@ TOOLS = {
     "edge-step": ("offramp.bench.edge_step", "edge decode-step latency (and fidelity) of the edge graph precisions"),
     "batching": ("offramp.bench.batching", "deep-layer throughput: one forward per session vs one batched forward"),
     "kv-step": ("offramp.bench.kv_step", "the cloud's batched decode step at long context"),
+    "replicas": ("offramp.bench.replicas", "the single cloud server vs Ray Serve with 1 and 2 engine replicas"),
     "timeline": ("offramp.bench.timeline_model", "the timeline model of the pipelined lossless loop"),
     "report": ("offramp.bench.report", "rewrite report.md and the plots of a bench run from its results.json"),
     "link-emulator": ("offramp.bench.link_emulator", "the user-space WAN emulator as a proxy process"),

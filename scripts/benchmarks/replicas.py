@@ -1,0 +1,117 @@
+"""`offramp bench replicas`: the single cloud server against Ray Serve with 1 and 2 engine replicas, side by side.
+
+Each cloud is a real `offramp cloud serve` process on a random model of the default model's width (16 layers,
+split at 8, so a deep step costs what a real one does per layer); the edge side is a `WebSocketCloudLink` sending
+random layer-K states. Measured per cloud: seconds until it serves, the median latency of a lone escalation, and
+deep-layer tokens per second with N sessions escalating at once. On a 2-core machine the absolute numbers say
+what the Ray hops cost (proxy, ingress, handle), not how replicas scale: that needs a core (or GPU) per replica.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from offramp.bench.processes import free_port
+
+K, LAYERS, HIDDEN = 8, 16, 576
+CLOUDS = (
+    ("single server, 1 thread", ["--threads", "1"]),
+    ("Ray Serve, 1 replica x 1 CPU", ["--replicas", "1", "--replica-cpus", "1"]),
+    ("Ray Serve, 2 replicas x 1 CPU", ["--replicas", "2", "--replica-cpus", "1"]),
+)
+
+
+def start_cloud(checkpoint: Path, args: list[str], port: int, log: Path, timeout_s: float = 300.0) -> tuple[subprocess.Popen, float]:
+    """`offramp cloud serve` until it prints that it serves; returns the process and the seconds that took."""
+    cmd = [sys.executable, "-m", "offramp.shared.cli", "cloud", "serve", "--model", str(checkpoint), "--exit-layer", str(K),
+           "--host", "127.0.0.1", "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    started = time.monotonic()
+    while "offramp cloud serving" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() - started > timeout_s:
+            proc.kill()
+            raise RuntimeError(f"the cloud did not start ({' '.join(args)}); see {log}")
+        time.sleep(0.2)
+    return proc, time.monotonic() - started
+
+
+async def one_session(link, rng: np.random.Generator, prompt: int, steps: int, latencies: list[float] | None = None) -> int:
+    """Open, upload a prompt's states, escalate `steps` tokens one by one, close; returns deep-layer tokens run."""
+    from offramp.shared.contract import ExtendRequest
+
+    session = os.urandom(8).hex()
+    await link.open_session(session)
+    await link.extend(ExtendRequest(session, 0, rng.standard_normal((prompt, HIDDEN)).astype(np.float32) * 0.5, want_token=False))
+    for i in range(steps):
+        t = time.perf_counter()
+        await link.extend(ExtendRequest(session, prompt + i, rng.standard_normal((1, HIDDEN)).astype(np.float32) * 0.5))
+        if latencies is not None:
+            latencies.append(time.perf_counter() - t)
+    await link.close_session(session)
+    return (prompt + steps) * (LAYERS - K)
+
+
+async def measure(port: int, manifest: dict, sessions: int) -> dict:
+    from offramp.edge.ws_link import WebSocketCloudLink
+
+    link = WebSocketCloudLink(f"ws://127.0.0.1:{port}", codec="fp32", manifest=manifest, timeout_s=120)
+    rng = np.random.default_rng(0)
+    lone: list[float] = []
+    try:
+        await one_session(link, rng, 16, 4)  # warm-up: connection, first allocations
+        for _ in range(2):
+            await one_session(link, rng, 16, 30, lone)
+        started = time.perf_counter()
+        tokens = sum(await asyncio.gather(*(one_session(link, rng, 16, 24) for _ in range(sessions))))
+        wall = time.perf_counter() - started
+    finally:
+        await link.aclose()
+    return {"lone_escalation_ms": float(np.median(lone)) * 1e3, "sessions": sessions,
+            "deep_tokens_per_s": tokens / wall, "wall_s": wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="offramp bench replicas", description=__doc__.splitlines()[0])
+    ap.add_argument("--sessions", type=int, default=16, help="sessions escalating at once")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = ap.parse_args(argv)
+    from offramp.models import load_model
+    from offramp.models.fingerprint import model_fingerprint
+    from offramp.models.tiny import save_tiny_checkpoint
+
+    work = Path(tempfile.mkdtemp(prefix="offramp-replicas-"))
+    checkpoint = save_tiny_checkpoint(work / "ckpt", num_layers=LAYERS, seed=3, hidden_size=HIDDEN, intermediate_size=1536,
+                                      num_attention_heads=9, num_key_value_heads=3, vocab_size=4096, max_position_embeddings=1024)
+    model, _ = load_model(str(checkpoint))
+    manifest = {"model_fingerprint": model_fingerprint(model), "exit_layer": K, "hidden_size": HIDDEN, "num_layers": LAYERS}
+    rows = []
+    for name, flags in CLOUDS:
+        port = free_port()
+        proc, ready_s = start_cloud(checkpoint, flags, port, work / f"cloud-{port}.log")
+        try:
+            row = {"cloud": name, "ready_s": ready_s, **asyncio.run(measure(port, manifest, args.sessions))}
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        rows.append(row)
+        print(f"{name:32s} ready {ready_s:5.1f} s  lone escalation {row['lone_escalation_ms']:6.1f} ms  "
+              f"{args.sessions} sessions: {row['deep_tokens_per_s']:8.0f} deep-layer tokens/s ({row['wall_s']:.1f} s)", flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
