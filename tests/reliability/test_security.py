@@ -94,7 +94,9 @@ class TlsCloud:
                "--token-file", str(token_file)]
         self.proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + START_TIMEOUT_S
-        while (match := re.search(r"wss://127\.0\.0\.1:(\d+)", self.log())) is None:
+        # The serving line, not the listening one: the cloud listens (503) while it loads, and an edge that
+        # connected then would get fallback tokens.
+        while (match := re.search(r"offramp cloud serving .* on wss://127\.0\.0\.1:(\d+)", self.log())) is None:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError("offramp cloud serve did not start:\n" + self.log()[-3000:])
