@@ -17,5 +17,7 @@ for _ in $(seq 1 240); do
   sleep 0.5
 done
 echo "cloud: ws://127.0.0.1:$PORT (pid $CLOUD, log $LOG); edge: exit layer $K"
+# fp32 hidden states: lossless mode then gives the full model's text token for token (the default codec, int8o,
+# sends a quarter of the bytes and keeps >= 99.5% of its tokens); OFFRAMP_CODEC=int8o shows the default.
 .venv/bin/offramp generate --model default --cloud "ws://127.0.0.1:$PORT" --exit-layer "$K" --chat \
-  --max-new-tokens 96 --prompt "$PROMPT" --json | .venv/bin/python scripts/show_generation.py
+  --codec "${OFFRAMP_CODEC:-fp32}" --max-new-tokens 96 --prompt "$PROMPT" --json | .venv/bin/python scripts/show_generation.py
