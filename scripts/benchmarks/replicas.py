@@ -5,6 +5,10 @@ split at 8, so a deep step costs what a real one does per layer); the edge side 
 random layer-K states. Measured per cloud: seconds until it serves, the median latency of a lone escalation, and
 deep-layer tokens per second with N sessions escalating at once. On a 2-core machine the absolute numbers say
 what the Ray hops cost (proxy, ingress, handle), not how replicas scale: that needs a core (or GPU) per replica.
+
+`--autoscale` instead starts `--min-replicas 1 --max-replicas 2 --target-frames 1`, keeps N sessions escalating
+and polls /healthz until Ray Serve has added the second replica (or the time runs out), printing the replica
+list as it goes: autoscaling on frames in flight, live.
 """
 
 from __future__ import annotations
@@ -81,10 +85,55 @@ async def measure(port: int, manifest: dict, sessions: int) -> dict:
             "deep_tokens_per_s": tokens / wall, "wall_s": wall}
 
 
+async def watch_autoscaling(port: int, manifest: dict, sessions: int, limit_s: float) -> list[tuple[float, list]]:
+    """Keep `sessions` escalating until /healthz lists a second replica or `limit_s` passes; the replica lists seen."""
+    import urllib.request
+
+    from offramp.edge.ws_link import WebSocketCloudLink
+
+    def replicas() -> list:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as resp:
+            return [r["pid"] for r in json.loads(resp.read())["replicas"]]
+
+    link = WebSocketCloudLink(f"ws://127.0.0.1:{port}", codec="fp32", manifest=manifest, timeout_s=120)
+    rng = np.random.default_rng(0)
+    done = asyncio.Event()
+
+    moved = 0
+
+    async def keep_escalating() -> None:
+        nonlocal moved
+        from offramp.shared.contract import ContextMismatchError
+
+        while not done.is_set():
+            try:
+                await one_session(link, rng, 16, 64)
+            except ContextMismatchError:  # the ring changed under it: the decode loop re-uploads; this client starts over
+                moved += 1
+
+    load = [asyncio.create_task(keep_escalating()) for _ in range(sessions)]
+    started, seen = time.monotonic(), []
+    try:
+        while time.monotonic() - started < limit_s:
+            await asyncio.sleep(5)
+            seen.append((time.monotonic() - started, await asyncio.to_thread(replicas)))
+            print(f"{seen[-1][0]:5.0f} s: replicas {seen[-1][1]}", flush=True)
+            if len(seen[-1][1]) > 1:
+                break
+    finally:
+        done.set()
+        await asyncio.gather(*load)  # a failed escalation fails the run
+        await link.aclose()
+    print(f"sessions that found their context gone on a new replica (the decode loop re-uploads it): {moved}")
+    return seen
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="offramp bench replicas", description=__doc__.splitlines()[0])
     ap.add_argument("--sessions", type=int, default=16, help="sessions escalating at once")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument("--autoscale", action="store_true", help="watch Ray Serve add a replica under load instead")
+    ap.add_argument("--autoscale-limit", type=float, default=240.0, help="--autoscale: seconds to wait for the second replica")
     args = ap.parse_args(argv)
     from offramp.models import load_model
     from offramp.models.fingerprint import model_fingerprint
@@ -95,6 +144,19 @@ def main(argv: list[str] | None = None) -> int:
                                       num_attention_heads=9, num_key_value_heads=3, vocab_size=4096, max_position_embeddings=1024)
     model, _ = load_model(str(checkpoint))
     manifest = {"model_fingerprint": model_fingerprint(model), "exit_layer": K, "hidden_size": HIDDEN, "num_layers": LAYERS}
+    if args.autoscale:
+        port = free_port()
+        flags = ["--min-replicas", "1", "--max-replicas", "2", "--target-frames", "1", "--replica-cpus", "0.5"]
+        proc, ready_s = start_cloud(checkpoint, flags, port, work / "cloud-autoscale.log")
+        try:
+            seen = asyncio.run(watch_autoscaling(port, manifest, args.sessions, args.autoscale_limit))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        grew = next((t for t, pids in seen if len(pids) > 1), None)
+        print(f"ready in {ready_s:.1f} s; " + (f"a second replica after {grew:.0f} s of load" if grew is not None
+                                               else f"no second replica within {args.autoscale_limit:.0f} s"))
+        return 0 if grew is not None else 1
     rows = []
     for name, flags in CLOUDS:
         port = free_port()
