@@ -36,22 +36,27 @@ def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1e-3, ite
     return ExitRule(kind="logistic", weights=w[:-1].tolist(), bias=float(w[-1]), mean=mean.tolist(), scale=scale.tolist())
 
 
+def _exit_cuts(confidence: np.ndarray, agree: np.ndarray, target: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Positions by falling confidence: (confidences, wrong exits if the first i+1 exit, whether cutting after i
+    is a valid threshold: ties exit together). Checks the target and that there is something to calibrate on."""
+    if not 0.0 < target <= 1.0:
+        raise SplitConfigError(f"target agreement {target!r} must be in (0, 1]")
+    c = np.asarray(confidence, dtype=np.float64)
+    if len(c) == 0:
+        raise SplitConfigError("cannot calibrate on zero positions")
+    order = np.argsort(-c, kind="stable")
+    c_sorted, wrong = c[order], np.cumsum(~np.asarray(agree, dtype=bool)[order])
+    return c_sorted, wrong, np.r_[c_sorted[1:] != c_sorted[:-1], True]
+
+
 def pick_threshold(confidence: np.ndarray, agree: np.ndarray, target: float) -> tuple[float, float, float]:
     """The lowest threshold whose collaborative agreement (edge token if it exits, else the full model's) >= target.
 
     Returns (threshold, exit_rate, agreement). Exiting at confidence >= t; ties exit together, so only thresholds
     at distinct confidence values are candidates. NEVER (no exits, agreement 1.0) if nothing meets the target.
     """
-    if not 0.0 < target <= 1.0:
-        raise SplitConfigError(f"target agreement {target!r} must be in (0, 1]")
-    c = np.asarray(confidence, dtype=np.float64)
-    a = np.asarray(agree, dtype=bool)
-    n = len(c)
-    if n == 0:
-        raise SplitConfigError("cannot calibrate on zero positions")
-    order = np.argsort(-c, kind="stable")
-    c_sorted, wrong = c[order], np.cumsum(~a[order])
-    last_of_value = np.r_[c_sorted[1:] != c_sorted[:-1], True]  # exiting the first i+1 is a valid cut
+    c_sorted, wrong, last_of_value = _exit_cuts(confidence, agree, target)
+    n = len(c_sorted)
     agreement = 1.0 - wrong / n
     ok = last_of_value & (agreement >= target)
     if not ok.any():
@@ -101,13 +106,8 @@ def certified_threshold(confidence: np.ndarray, agree: np.ndarray, target: float
     number of such errors alone, so the answer is the lowest cut with at most the largest certifiable error count.
     Positions of one text are not independent draws, so the bound is optimistic by the text's correlation.
     """
-    if not 0.0 < target <= 1.0:
-        raise SplitConfigError(f"target agreement {target!r} must be in (0, 1]")
-    c = np.asarray(confidence, dtype=np.float64)
-    a = np.asarray(agree, dtype=bool)
-    n = len(c)
-    if n == 0:
-        raise SplitConfigError("cannot calibrate on zero positions")
+    c_sorted, wrong, last_of_value = _exit_cuts(confidence, agree, target)
+    n = len(c_sorted)
     lo, hi = -1, n - 1  # the largest error count whose bound meets the target (the bound falls as errors grow)
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -118,9 +118,6 @@ def certified_threshold(confidence: np.ndarray, agree: np.ndarray, target: float
     allowed = lo
     if allowed < 0:
         return NEVER, 0.0, 1.0, 1.0 - clopper_pearson_upper(0, n, level)
-    order = np.argsort(-c, kind="stable")
-    c_sorted, wrong = c[order], np.cumsum(~a[order])
-    last_of_value = np.r_[c_sorted[1:] != c_sorted[:-1], True]
     ok = last_of_value & (wrong <= allowed)
     if not ok.any():
         return NEVER, 0.0, 1.0, 1.0 - clopper_pearson_upper(0, n, level)
