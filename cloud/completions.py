@@ -59,6 +59,8 @@ class CompletionRequest:
         except UnservedFieldError as exc:
             raise CompletionRequestError(str(exc), exc.field, exc.code) from None
         model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise CompletionRequestError(f"'model' must be a string, got {_short(model)}", "model", "invalid_type")
         if model is not None and model not in _served_names(state):
             raise CompletionRequestError(f"model {_short(model)} is not served here; this cloud serves {state.model_name!r}", "model", "model_not_found")
         prompt = body.get("prompt")

@@ -108,7 +108,9 @@ def certified_threshold(confidence: np.ndarray, agree: np.ndarray, target: float
     """
     c_sorted, wrong, last_of_value = _exit_cuts(confidence, agree, target)
     n = len(c_sorted)
-    lo, hi = -1, n - 1  # the largest error count whose bound meets the target (the bound falls as errors grow)
+    # The largest error count whose bound meets the target (the bound falls as errors grow; none above the point
+    # estimate's (1 - target) * n can meet it).
+    lo, hi = -1, min(n - 1, int((1.0 - target) * n))
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if 1.0 - clopper_pearson_upper(mid, n, level) >= target:
@@ -117,10 +119,10 @@ def certified_threshold(confidence: np.ndarray, agree: np.ndarray, target: float
             hi = mid - 1
     allowed = lo
     if allowed < 0:
-        return NEVER, 0.0, 1.0, 1.0 - clopper_pearson_upper(0, n, level)
+        return NEVER, 0.0, 1.0, 1.0  # nothing exits: every token is the full model's
     ok = last_of_value & (wrong <= allowed)
     if not ok.any():
-        return NEVER, 0.0, 1.0, 1.0 - clopper_pearson_upper(0, n, level)
+        return NEVER, 0.0, 1.0, 1.0  # nothing exits: every token is the full model's
     i = int(np.nonzero(ok)[0].max())
     errors = int(wrong[i])
     return float(c_sorted[i]), (i + 1) / n, 1.0 - errors / n, 1.0 - clopper_pearson_upper(errors, n, level)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +59,12 @@ def head_figures(model: Any, head: torch.nn.Module, exit_layer: int, sequences: 
     """Top-1 agreement with the full model, lossless yield at 2/4/8 drafts, and (with a rule) the exit rate and
     agreement at its threshold, teacher-forced over `sequences`."""
     from offramp.models.evaluate import exit_stats, lossless_drafting, point
-    from offramp.models.teacher import teacher_data
+    from offramp.models.exit_heads import head_kv_layers
+    from offramp.models.teacher import add_context, teacher_data
 
     data = teacher_data(model, sequences, [exit_layer])
+    if head_kv_layers(head):  # a head that attends over past positions needs every position's state, not just scored ones
+        add_context(model, sequences, data, [exit_layer])
     mask = data.mask("test")
     stats = exit_stats(head, data, mask, exit_layer)
     figures = {"positions": len(stats), "top1_agreement": float(stats.agree.mean()),
@@ -91,15 +95,23 @@ def ship_head(model: Any, tokenizer: Any, head_dir: Path, exit_layer: int, root:
         raise ArtifactError(f"{head_dir} has no {ROUTER_FILE}: calibrate the head before shipping it (offramp calibrate)")
     fingerprint = model_fingerprint(model)
     out = root / fingerprint[:16] / f"k{exit_layer}"
-    out.mkdir(parents=True, exist_ok=True)
-    state = load_file(str(head_dir / HEAD_WEIGHTS))
-    save_file({name: t.to(torch.float16) if t.is_floating_point() else t for name, t in state.items()}, str(out / HEAD_WEIGHTS))
-    for name in (HEAD_MANIFEST, ROUTER_FILE):
-        shutil.copyfile(head_dir / name, out / name)
-    texts = root / fingerprint[:16] / EVAL_TEXTS
+    out.parent.mkdir(parents=True, exist_ok=True)
+    texts = out.parent / EVAL_TEXTS
     if not texts.is_file():
         texts.write_text(json.dumps(sequences_to_json(eval_sequences(model, tokenizer))))
-    head, _ = load_head(out, model)  # the fp16 copy, as users will load it
-    figures = head_figures(model, head, exit_layer, sequences_from_json(json.loads(texts.read_text())), load_exit_rule(out))
-    (out / EVAL_FILE).write_text(json.dumps({"exit_layer": exit_layer, "eval_texts": EVAL_TEXTS, **figures}, indent=2))
+    staging = Path(tempfile.mkdtemp(prefix=f".k{exit_layer}-", dir=out.parent))  # never a half-shipped head in `out`
+    try:
+        state = load_file(str(head_dir / HEAD_WEIGHTS))
+        save_file({name: t.to(torch.float16) if t.is_floating_point() else t for name, t in state.items()}, str(staging / HEAD_WEIGHTS))
+        for name in (HEAD_MANIFEST, ROUTER_FILE):
+            shutil.copyfile(head_dir / name, staging / name)
+        head, _ = load_head(staging, model)  # the fp16 copy, as users will load it
+        figures = head_figures(model, head, exit_layer, sequences_from_json(json.loads(texts.read_text())), load_exit_rule(staging))
+        (staging / EVAL_FILE).write_text(json.dumps({"exit_layer": exit_layer, "eval_texts": EVAL_TEXTS, **figures}, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
     return out

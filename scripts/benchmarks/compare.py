@@ -620,7 +620,7 @@ async def run_bench(cfg: BenchConfig, out: Path, command: str = "offramp bench c
             "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "phases": phases,
             "notes": edge.notes,
             "cores": {"edge (this process)": list(cores.edge), "cloud servers": list(cores.cloud),
-                      "link emulator": "unpinned"} if cores.edge else "not pinned (one core)",
+                      "link emulator": "unpinned"} if cores.edge else "not pinned",
             "git": _git_rev(), "elapsed_s": time.perf_counter() - t_start,
             "agreement_definition": "teacher-forced: share of emitted tokens equal to the full model's greedy choice after the same prefix",
         },
@@ -655,8 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--profiles", default=None, help=f"comma list of {PROFILE_NAMES}")
     p.add_argument("--exit-layers", default=None, help="comma list; the first (K0) is where loops, codecs and precisions are compared")
-    p.add_argument("--thresholds", default=None, help="comma list: plain-loop thresholds at K0 besides the calibrated one")
-    p.add_argument("--codecs", default=None, help="comma list; the first is used for the threshold sweep")
+    p.add_argument("--thresholds", default=None, help="comma list: exit-mode thresholds at K0 besides the calibrated one")
+    p.add_argument("--codecs", default=None, help="comma list; the first is the headline's (the default), the others run lossless at K0")
     p.add_argument("--edge-precisions", default=None, help="comma list of q4, fp32, int8; the first is the headline's (the collaborative default)")
     p.add_argument("--loops", default=None, help=f"comma list of exit-mode loops at K0 beside the headline, from {bm.LOOPS}")
     p.add_argument("--fixed-drafts", default=None, help="comma list: lossless at K0 also at these fixed speculation depths")

@@ -462,8 +462,10 @@ class ModeRow:
 
     @property
     def acceptance_rate(self) -> float | None:
-        """Share of verified drafts the cloud kept."""
-        return self.accepted_drafts / self.drafted_tokens if self.drafted_tokens else None
+        """Share of checked drafts the cloud kept: the per-draft acceptance. Drafts after a request's first wrong one
+        are dropped unchecked, so the denominator is kept + rejected (one rejection a request), not every draft sent."""
+        checked = self.accepted_drafts + self.rejected_drafts
+        return self.accepted_drafts / checked if checked else None
 
     @property
     def bytes_up_per_position(self) -> float | None:

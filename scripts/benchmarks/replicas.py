@@ -6,7 +6,7 @@ random layer-K states. Measured per cloud: seconds until it serves, the median l
 deep-layer tokens per second with N sessions escalating at once. On a 2-core machine the absolute numbers say
 what the Ray hops cost (proxy, ingress, handle), not how replicas scale: that needs a core (or GPU) per replica.
 
-`--autoscale` instead starts `--min-replicas 1 --max-replicas 2 --target-frames 1`, keeps N sessions escalating
+`--autoscale` instead starts `--min-replicas 1 --max-replicas 2 --target-frames 1 --replica-cpus 0.5`, keeps N sessions escalating
 and polls /healthz until Ray Serve has added the second replica (or the time runs out), printing the replica
 list as it goes: autoscaling on frames in flight, live.
 """
@@ -36,6 +36,16 @@ CLOUDS = (
 )
 
 
+def stop_cloud(proc: subprocess.Popen) -> None:
+    """SIGTERM the cloud's whole process group (a Ray cloud's replicas and agents are its children), then wait."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
 def start_cloud(checkpoint: Path, args: list[str], port: int, log: Path, timeout_s: float = 300.0) -> tuple[subprocess.Popen, float]:
     """`offramp cloud serve` until it prints that it serves; returns the process and the seconds that took."""
     cmd = [sys.executable, "-m", "offramp.shared.cli", "cloud", "serve", "--model", str(checkpoint), "--exit-layer", str(K),
@@ -44,7 +54,7 @@ def start_cloud(checkpoint: Path, args: list[str], port: int, log: Path, timeout
     started = time.monotonic()
     while "offramp cloud serving" not in log.read_text():
         if proc.poll() is not None or time.monotonic() - started > timeout_s:
-            proc.kill()
+            stop_cloud(proc)
             raise RuntimeError(f"the cloud did not start ({' '.join(args)}); see {log}")
         time.sleep(0.2)
     return proc, time.monotonic() - started
@@ -151,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             seen = asyncio.run(watch_autoscaling(port, manifest, args.sessions, args.autoscale_limit))
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=120)
+            stop_cloud(proc)
         grew = next((t for t, pids in seen if len(pids) > 1), None)
         print(f"ready in {ready_s:.1f} s; " + (f"a second replica after {grew:.0f} s of load" if grew is not None
                                                else f"no second replica within {args.autoscale_limit:.0f} s"))
@@ -164,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             row = {"cloud": name, "ready_s": ready_s, **asyncio.run(measure(port, manifest, args.sessions))}
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=120)
+            stop_cloud(proc)
         rows.append(row)
         print(f"{name:32s} ready {ready_s:5.1f} s  lone escalation {row['lone_escalation_ms']:6.1f} ms  "
               f"{args.sessions} sessions: {row['deep_tokens_per_s']:8.0f} deep-layer tokens/s ({row['wall_s']:.1f} s)", flush=True)

@@ -156,7 +156,7 @@ def write_report(results: dict, out: Path) -> None:
         "`loop` (offramp.edge.decode_loop): `losslessN` emits nothing the cloud has not confirmed, speculating up to N",
         "drafts ahead with several verifications in flight (the controller picks the depth; `-fixedN` pins it);",
         "`exit` lets confident drafts exit at the threshold (`--no-lossless`), `exit-eager` uploads their states at once.",
-        "tokens / round trip: emitted tokens per request the cloud answered; acceptance: verified drafts the cloud kept.",
+        "tokens / round trip: emitted tokens per request the cloud answered; acceptance: checked drafts the cloud kept.",
         "",
         "## Headline: the default collaborative mode (lossless) at K ≤ N/2, and exit mode",
         "",

@@ -252,8 +252,10 @@ def costs_of_run(results: dict, profile: str, row: dict) -> tuple[Costs, Link, f
 
 def fit_results(results: dict) -> list[dict]:
     """The model's prediction beside every measured headline row of a bench run (nothing is tuned to match)."""
+    from offramp.bench.link_emulator import PROFILES
+
     out = []
-    for profile in (p for p in results if isinstance(results[p], dict) and "headline_rows" in results[p]):
+    for profile in (p for p in results if p in PROFILES and isinstance(results[p], dict) and "headline_rows" in results[p]):
         rows = {r["key"]: r for r in results[profile]["rows"]}
         for h in results[profile]["headline_rows"]:
             row = rows[h["setting"]]

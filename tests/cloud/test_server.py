@@ -334,6 +334,9 @@ async def test_completions_refuse_fields_they_do_not_serve_by_name(model) -> Non
         neutral = {**base, "model": "default", "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "stop": None}
         async with http.post(url, json=neutral) as resp:
             assert resp.status == 200 and len((await resp.json())["choices"][0]["token_ids"]) == 2
+        async with http.post(url, json={**base, "model": ["tiny"]}) as resp:  # not a string: a 400, not a 500
+            error = (await resp.json())["error"]
+            assert resp.status == 400 and (error["param"], error["code"]) == ("model", "invalid_type"), error
         labelled = {**base, "model": "tiny", "user": "u-1"}  # the served name and a caller label: served
         async with http.post(url, json=labelled) as resp:
             assert resp.status == 200, await resp.text()

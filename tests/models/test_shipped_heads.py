@@ -66,6 +66,18 @@ def test_a_shipped_head_is_an_fp16_copy_with_its_rule_and_figures(tiny, tmp_path
     assert 0.0 <= figures["at_threshold"]["exit_rate"] <= 1.0
 
 
+def test_a_head_with_its_own_kv_ships_too(tiny, tmp_path) -> None:
+    """A decoder-layer head attends over past positions: its figures need every position's state (the context)."""
+    model, tokenizer = tiny
+    head = build_head("decoder_layer", model)
+    trained = save_head(head, tmp_path / "attn", {"exit_layer": 2, "model_fingerprint": model_fingerprint(model)})
+    save_exit_rule(ExitRule(kind="max_prob", threshold=0.5), trained)
+    out = ship_head(model, tokenizer, trained, 2, root=tmp_path / "pkg")
+    figures = json.loads((out / EVAL_FILE).read_text())
+    assert figures["positions"] > 0 and 0.0 <= figures["top1_agreement"] <= 1.0
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".k")]  # no staging dir left behind
+
+
 def test_a_head_for_another_model_is_refused(tiny, tmp_path) -> None:
     model, _ = tiny
     target = tmp_path / "pkg" / ("0" * 16) / "k2"
