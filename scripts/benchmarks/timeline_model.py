@@ -247,7 +247,8 @@ def costs_of_run(results: dict, profile: str, row: dict) -> tuple[Costs, Link, f
     edge_step = row.get("edge_step_p50_s") or 0.0
     fixed, row_s = deep_costs(full_step * (n_layers - k) / n_layers)
     costs = Costs(edge_step, edge_step / 8, fixed, row_s, full_step, full_prefill, full_prefill * (n_layers - k) / n_layers)
-    return costs, Link(rtt), row.get("acceptance_rate") or 0.0, prompt, new
+    checked = row.get("accepted_drafts", 0) + row.get("rejected_drafts", 0)  # per-draft acceptance, from the counts
+    return costs, Link(rtt), row.get("accepted_drafts", 0) / checked if checked else 0.0, prompt, new
 
 
 def fit_results(results: dict) -> list[dict]:
