@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -95,6 +96,7 @@ class CloudServer:
     proc: subprocess.Popen | None = None
     health_path: str = "/healthz"
     cores: CorePlan = field(default_factory=CorePlan)
+    process_group: bool = False  # stop every process the server starts with it (a Ray cloud's replicas and agents)
 
     @property
     def base_url(self) -> str:
@@ -113,7 +115,7 @@ class CloudServer:
         """Start the process without waiting (several servers then load their models side by side)."""
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=one_thread_env(),
-                                     preexec_fn=self.cores.cloud_preexec())
+                                     preexec_fn=self.cores.cloud_preexec(), start_new_session=self.process_group)
 
     def wait_healthy(self, timeout_s: float = 240.0) -> "CloudServer":
         """Poll /healthz until it answers 200; a process that exits or stays unhealthy past the deadline raises."""
@@ -146,12 +148,19 @@ class CloudServer:
     def stop(self, timeout_s: float = 15.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.terminate()
+        self._signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            self._signal(signal.SIGKILL)
             self.proc.wait(5)
+
+    def _signal(self, sig: int) -> None:
+        assert self.proc is not None
+        if self.process_group:
+            os.killpg(self.proc.pid, sig)
+        else:
+            self.proc.send_signal(sig)
 
     def __enter__(self) -> "CloudServer":
         return self.start()

@@ -17,8 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,38 +24,29 @@ from pathlib import Path
 
 import numpy as np
 
-from offramp.bench.processes import free_port
+from offramp.bench.processes import CloudServer
 
 K, LAYERS, HIDDEN = 8, 16, 576
 CLOUDS = (
-    ("single server, 1 thread", ["--threads", "1"]),
+    ("single server, 1 thread", []),  # CloudServer runs every cloud with --threads 1
     ("Ray Serve, 1 replica x 1 CPU", ["--replicas", "1", "--replica-cpus", "1"]),
     ("Ray Serve, 2 replicas x 1 CPU", ["--replicas", "2", "--replica-cpus", "1"]),
 )
 
 
-def stop_cloud(proc: subprocess.Popen) -> None:
-    """SIGTERM the cloud's whole process group (a Ray cloud's replicas and agents are its children), then wait."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=120)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-
-
-def start_cloud(checkpoint: Path, args: list[str], port: int, log: Path, timeout_s: float = 300.0) -> tuple[subprocess.Popen, float]:
-    """`offramp cloud serve` until it prints that it serves; returns the process and the seconds that took."""
-    cmd = [sys.executable, "-m", "offramp.shared.cli", "cloud", "serve", "--model", str(checkpoint), "--exit-layer", str(K),
-           "--host", "127.0.0.1", "--port", str(port), *args]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+def start_cloud(checkpoint: Path, args: list[str], log: Path, timeout_s: float = 300.0) -> tuple[CloudServer, float]:
+    """`offramp cloud serve` until it prints that it serves; returns the server and the seconds that took. Not
+    /healthz: a Ray cloud's ingress answers it before every replica is up, and a replica joining later moves
+    sessions."""
+    server = CloudServer(str(checkpoint), K, extra_args=args, log_path=log, process_group=True)
     started = time.monotonic()
+    server.launch()
     while "offramp cloud serving" not in log.read_text():
-        if proc.poll() is not None or time.monotonic() - started > timeout_s:
-            stop_cloud(proc)
+        if server.proc.poll() is not None or time.monotonic() - started > timeout_s:
+            server.stop()
             raise RuntimeError(f"the cloud did not start ({' '.join(args)}); see {log}")
         time.sleep(0.2)
-    return proc, time.monotonic() - started
+    return server, time.monotonic() - started
 
 
 async def one_session(link, rng: np.random.Generator, prompt: int, steps: int, latencies: list[float] | None = None) -> int:
@@ -155,25 +144,23 @@ def main(argv: list[str] | None = None) -> int:
     model, _ = load_model(str(checkpoint))
     manifest = {"model_fingerprint": model_fingerprint(model), "exit_layer": K, "hidden_size": HIDDEN, "num_layers": LAYERS}
     if args.autoscale:
-        port = free_port()
         flags = ["--min-replicas", "1", "--max-replicas", "2", "--target-frames", "1", "--replica-cpus", "0.5"]
-        proc, ready_s = start_cloud(checkpoint, flags, port, work / "cloud-autoscale.log")
+        server, ready_s = start_cloud(checkpoint, flags, work / "cloud-autoscale.log")
         try:
-            seen = asyncio.run(watch_autoscaling(port, manifest, args.sessions, args.autoscale_limit))
+            seen = asyncio.run(watch_autoscaling(server.port, manifest, args.sessions, args.autoscale_limit))
         finally:
-            stop_cloud(proc)
+            server.stop(timeout_s=120)
         grew = next((t for t, pids in seen if len(pids) > 1), None)
         print(f"ready in {ready_s:.1f} s; " + (f"a second replica after {grew:.0f} s of load" if grew is not None
                                                else f"no second replica within {args.autoscale_limit:.0f} s"))
         return 0 if grew is not None else 1
     rows = []
     for name, flags in CLOUDS:
-        port = free_port()
-        proc, ready_s = start_cloud(checkpoint, flags, port, work / f"cloud-{port}.log")
+        server, ready_s = start_cloud(checkpoint, flags, work / f"cloud-{len(rows)}.log")
         try:
-            row = {"cloud": name, "ready_s": ready_s, **asyncio.run(measure(port, manifest, args.sessions))}
+            row = {"cloud": name, "ready_s": ready_s, **asyncio.run(measure(server.port, manifest, args.sessions))}
         finally:
-            stop_cloud(proc)
+            server.stop(timeout_s=120)
         rows.append(row)
         print(f"{name:32s} ready {ready_s:5.1f} s  lone escalation {row['lone_escalation_ms']:6.1f} ms  "
               f"{args.sessions} sessions: {row['deep_tokens_per_s']:8.0f} deep-layer tokens/s ({row['wall_s']:.1f} s)", flush=True)
