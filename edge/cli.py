@@ -19,7 +19,7 @@ from offramp.edge.config import EdgeConfig, cloud_token
 from offramp.edge.decode_loop import CATCH_UP_MODES, CLOUD, GenerationStats
 from offramp.edge.precision import EDGE_PRECISIONS
 from offramp.edge.text import TextAssembler
-from offramp.shared.cli import config_from_args
+from offramp.shared.cli import add_exit_layers_flag, config_from_args
 from offramp.shared.codecs import CODECS, DEFAULT_CODEC
 from offramp.shared.sampling import SamplingParams
 
@@ -30,7 +30,8 @@ def add_edge_flags(p: argparse.ArgumentParser, default_cloud: str | None) -> Non
                    help="an exported edge directory (`offramp export --out DIR`); needs no torch")
     p.add_argument("--model", default="default",
                    help="without --edge: 'default', a local HF checkpoint dir, or a .gguf file, exported into the cache first (needs the cloud extra)")
-    p.add_argument("--exit-layer", type=int, default=None, help="K: the edge runs layers 0..K-1 (default 15; with --edge, the directory's)")
+    add_exit_layers_flag(p, required=False, help="K: the edge runs layers 0..K-1 (default 15; with --edge, the directory's); several "
+                         "(`--exit-layers 8 15`, increasing): early exits inside the edge, the last is K")
     if default_cloud is None:
         p.add_argument("--cloud", required=True, help="'none' (edge-standalone), 'local' (in-process), or ws://HOST:PORT")
     else:
@@ -56,8 +57,11 @@ def add_edge_flags(p: argparse.ArgumentParser, default_cloud: str | None) -> Non
 
 def edge_config(args: argparse.Namespace, **overrides: Any) -> EdgeConfig:
     """The EdgeConfig the shared flags describe (flags whose meaning differs from the field are mapped here)."""
+    layers = args.exit_layers
     return config_from_args(
         EdgeConfig, args,
+        exit_layer=layers[-1] if layers else None,
+        early_exits=tuple(layers[:-1]) if layers else None,
         precision=args.edge_precision,
         trained_head=not args.no_trained_head,
         cloud_token=cloud_token(args.cloud_token_file),
@@ -164,6 +168,7 @@ async def _collaborative(args: argparse.Namespace) -> dict[str, Any]:
             "exit_layer": service.exit_layer,
             "threshold": service.threshold,
             "exit_rule": service.exit_setup.describe(),
+            **({"exit_layers": list(service.exit_layers)} if len(service.exit_layers) > 1 else {}),
             "edge_precision": service.precision,
             "lossless": service.config.lossless,
             "codec": service.config.codec,

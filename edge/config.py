@@ -15,7 +15,8 @@ from pathlib import Path
 from offramp.edge.decode_loop import CATCH_UP_MODES
 from offramp.edge.precision import EDGE_PRECISIONS
 from offramp.shared.codecs import CODECS, DEFAULT_CODEC
-from offramp.shared.errors import OfframpError
+from offramp.shared.errors import OfframpError, SplitConfigError
+from offramp.shared.exit_layers import check_exit_layers
 
 CLOUD_NONE, CLOUD_LOCAL = "none", "local"
 DEFAULT_EXIT_LAYER = 15
@@ -49,6 +50,7 @@ class EdgeConfig:
     edge: Path | None = None  # an exported edge directory (`offramp export --out DIR`); None: export `model` (cloud extra)
     model: str = "default"  # the model spec to export when `edge` is None; what `--cloud local` loads
     exit_layer: int | None = None  # K when exporting (default 15); with `edge`, must match the directory's if given
+    early_exits: tuple[int, ...] | None = None  # exits before K (`--exit-layers 8 15`: (8,)); None: none, or the directory's
     precision: str = "auto"  # auto | fp32 | int8 (see offramp.edge.precision)
     cloud: str = CLOUD_NONE  # none | local | ws://host:port[/path] | wss://...
     codec: str = DEFAULT_CODEC
@@ -88,6 +90,11 @@ class EdgeConfig:
             raise ServiceConfigError(f"fixed_draft must be in 0..max_draft ({self.max_draft}), got {self.fixed_draft}")
         if self.exit_layer is not None and self.exit_layer < 1:
             raise ServiceConfigError(f"exit_layer must be >= 1, got {self.exit_layer}")
+        if self.early_exits:
+            try:
+                check_exit_layers([*self.early_exits, self.export_exit_layer])
+            except SplitConfigError as exc:
+                raise ServiceConfigError(str(exc)) from exc
         if self.threshold is not None and not math.isfinite(self.threshold):
             raise ServiceConfigError(f"threshold must be a finite number, got {self.threshold!r}")
         if not (math.isfinite(self.cloud_timeout_s) and self.cloud_timeout_s > 0):

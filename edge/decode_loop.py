@@ -90,7 +90,9 @@ class GenerationStats:
     round_trips: int = 0  # requests the cloud answered with a verification or a decision
     stale_requests: int = 0  # requests pipelined behind a rejection (answered without compute)
     edge_steps: int = 0
+    edge_fills: int = 0  # calls that only ran layers early exits had skipped (the cloud needed their layer-K states)
     draft_depth: int = 0  # the controller's speculation depth at the end
+    exits_by_layer: dict[str, int] = field(default_factory=dict)  # emitted edge drafts by the exit layer that drafted them
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -253,6 +255,9 @@ class _Run:
     `final`, a draft or the cloud's replacement above); rows[i] is the layer-K state of tokens[i] (the edge has run
     positions below runtime.length == len(rows)); the cloud holds rows below `sent` at `epoch`, as far as the edge
     knows; `verifying` are the positions whose drafts are in requests in flight.
+
+    With several exits (offramp.edge.multi_exit) a step that stops at an early exit leaves its row None until a
+    later step (or `fill`, when the cloud needs it) runs the skipped layers: rows below `_ready` can go up.
     """
 
     def __init__(self, decoder: CollaborativeDecoder, prompt: list[int], options: DecodeOptions) -> None:
@@ -262,12 +267,13 @@ class _Run:
         self.options = options
         self.prompt_len = len(prompt)
         self.tokens = list(prompt)
-        self.rows: list[np.ndarray] = []
         self.conf: dict[int, float] = {}  # position -> confidence of its draft
         self.q: dict[int, SparseDistribution] = {}  # sampled drafts: the edge's q
         self.head_logprob: dict[int, tuple[float, list[tuple[int, float]] | None]] = {}  # position -> the exit head's (log-prob, top)
         self.cloud_logprob: dict[int, tuple[float, list[tuple[int, float]] | None]] = {}
         self.decided_by: dict[int, str] = {}  # position -> CLOUD for cloud-confirmed tokens
+        self.drafted_at: dict[int, int] = {}  # position -> the exit layer whose head drafted its token
+        self.rows: list[np.ndarray | None] = []
         self.final = self.prompt_len
         self.emitted = self.prompt_len
         self.sent = 0
@@ -302,7 +308,7 @@ class _Run:
             except CloudUnavailableError:
                 self.link_up = False
         step = await self._run_step(list(self.tokens))
-        self.rows.extend(step.hidden)
+        self._record(step.hidden, len(self.tokens) - step.pending, len(self.tokens))
         self._draft_after(step)
         while True:
             self._advance_final()
@@ -315,9 +321,14 @@ class _Run:
             self._send_blocks()
             if self.stepping is None and self._can_step():
                 self.stepping = asyncio.ensure_future(self._step())
+            elif self.stepping is None and self._needs_fill():
+                self.stepping = asyncio.ensure_future(self._fill())
             waits = {t for t in (self.stepping, *self.inflight) if t is not None}
             if not waits:
                 if self._send_blocks(force=True):
+                    continue
+                if self._ready < len(self.rows):  # nothing else to do: complete the rows early exits left
+                    self.stepping = asyncio.ensure_future(self._fill())
                     continue
                 raise RuntimeError("decode loop stalled: nothing to run and nothing in flight")  # a bug, not a fallback
             done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)  # a step or an answer changes the state
@@ -379,13 +390,56 @@ class _Run:
             step = await self._run_step([self.tokens[position]])
         finally:
             self.stepping = None
-        if self.pending_truncate is not None:  # a rejection arrived while the step ran
-            keep, self.pending_truncate = self.pending_truncate, None
-            self.runtime.truncate(keep)
-            if position >= keep:
-                return  # the step ran a token the cloud replaced
-        self.rows.append(step.hidden[-1])
+        keep = self._settle(step.hidden, position + 1 - step.pending, position + 1)
+        if position >= keep:
+            return  # the step ran a token the cloud replaced
         self._draft_after(step)
+
+    def _needs_fill(self) -> bool:
+        """The cloud needs a row an early exit left pending: a draft to verify (or, eagerly, a catch-up) waits on it."""
+        ready = self._ready
+        if ready == len(self.rows) or self.link is None or not self.link_up:
+            return False
+        if self.options.catch_up == "eager" and not self.options.lossless:
+            return True
+        return any(not self._exits(p) for p in range(max(self.final, ready + 1), len(self.tokens)))
+
+    async def _fill(self) -> None:
+        end = len(self.rows)
+        try:
+            hidden = await asyncio.get_running_loop().run_in_executor(self.d.executor, self.runtime.fill)
+        finally:
+            self.stepping = None
+        self.stats.edge_fills += 1
+        self._settle(hidden, end, end)
+
+    def _settle(self, hidden: np.ndarray, filled_end: int, length: int) -> int:
+        """After an edge call that left the runtime `length` positions long: apply a rollback that arrived
+        meanwhile, then record the rows it completed (positions filled_end - len(hidden)..filled_end-1) below the
+        rollback point; returns that point (`length` without a rollback)."""
+        keep = length
+        if self.pending_truncate is not None:  # a rejection arrived while the call ran
+            keep, self.pending_truncate = min(length, self.pending_truncate), None
+            self.runtime.truncate(keep)
+        self._record(hidden, filled_end, keep)
+        return keep
+
+    def _record(self, hidden: np.ndarray, filled_end: int, length: int) -> None:
+        """Rows of positions filled_end - len(hidden)..filled_end-1 (those below `length`); None up to `length`."""
+        for position, row in zip(range(filled_end - len(hidden), min(filled_end, length)), hidden):
+            if position < len(self.rows):
+                self.rows[position] = row
+            elif position == len(self.rows):
+                self.rows.append(row)
+        self.rows.extend([None] * (length - len(self.rows)))
+
+    @property
+    def _ready(self) -> int:
+        """Rows with their layer-K state: all but those early exits left pending (always the newest)."""
+        n = len(self.rows)
+        while n and self.rows[n - 1] is None:
+            n -= 1
+        return n
 
     def _draft_after(self, step: EdgeStep) -> None:
         """The edge's proposal for the position after the newest row."""
@@ -394,7 +448,11 @@ class _Run:
             return
         options = self.options
         logits = step.logits
-        self.conf[position] = float(self.d.confidence(logits, step.hidden[-1]))
+        if step.confidence is not None:
+            self.conf[position] = step.confidence
+        else:
+            self.conf[position] = float(self.d.confidence(logits, step.hidden[-1] if len(step.hidden) else None))
+        self.drafted_at[position] = step.exit_layer if step.exit_layer is not None else self.runtime.exit_layer
         if options.sampling.greedy:
             token = int(np.argmax(logits))
         else:
@@ -407,8 +465,12 @@ class _Run:
     # -- final tokens and events -------------------------------------------------------------------------------
 
     def _exits(self, position: int) -> bool:
-        """Exit mode: the draft is confident enough to be final without the cloud."""
-        return not self.options.lossless and self.conf.get(position, 0.0) >= self.options.threshold
+        """Exit mode: the draft is confident enough to be final without the cloud (an early exit's draft is: its
+        own rule passed it)."""
+        if self.options.lossless:
+            return False
+        early = self.drafted_at.get(position, self.runtime.exit_layer) != self.runtime.exit_layer
+        return early or self.conf.get(position, 0.0) >= self.options.threshold
 
     def _advance_final(self) -> None:
         while self.final < len(self.tokens) and (self.stop_at is None or self.final <= self.stop_at):
@@ -435,6 +497,9 @@ class _Run:
         s.edge_exits += source == EDGE
         s.escalations += source == CLOUD
         s.fallback_tokens += source == FALLBACK
+        if position in self.drafted_at:  # the edge's own draft (a cloud replacement has none)
+            layer = str(self.drafted_at[position])
+            s.exits_by_layer[layer] = s.exits_by_layer.get(layer, 0) + 1
         if s.tokens == 1:
             s.ttft_s = time.perf_counter() - self.started
         if source == CLOUD and position in self.cloud_logprob:
@@ -458,12 +523,12 @@ class _Run:
         if self.link is None:
             return False
         sent_any = False
-        while self.sent < len(self.rows):
+        while self.sent < self._ready:
             end, drafts = self._next_block(self.sent)
             if not self.link_up:
                 if self.inflight:
                     break
-                end, drafts = len(self.rows), []
+                end, drafts = self._ready, []
             elif not drafts and self.options.catch_up == "lazy" and not force:
                 break
             else:
@@ -483,7 +548,7 @@ class _Run:
         before a row that would predict one after a draft."""
         drafts: list[int] = []
         end = start
-        for row in range(start, len(self.rows)):
+        for row in range(start, self._ready):
             position = row + 1
             is_draft = self.final <= position < len(self.tokens) and not self._exits(position)
             if is_draft:
@@ -495,7 +560,7 @@ class _Run:
 
     def _send(self, start: int, end: int, drafts: list[int]) -> None:
         assert self.link is not None
-        hidden = np.stack(self.rows[start:end])
+        hidden = np.stack(self.rows[start:end])  # type: ignore[arg-type]  (rows below _ready are filled)
         sampled = not self.options.sampling.greedy
         request = ExtendRequest(
             self.session, start, hidden, epoch=self.epoch, want_token=False,
@@ -569,6 +634,7 @@ class _Run:
         self.sent = min(self.sent, keep)
         for p in [p for p in self.conf if p > position]:
             del self.conf[p]
+        self.drafted_at = {p: layer for p, layer in self.drafted_at.items() if p < position}
         self.q = {p: q for p, q in self.q.items() if p < position}
         self.head_logprob = {p: v for p, v in self.head_logprob.items() if p < position}
         self._truncate(keep)

@@ -30,6 +30,20 @@ class ExitSetup:
         return {"head": self.head, "rule": self.rule.kind, "threshold": self.threshold, "threshold_source": self.threshold_source}
 
 
+def resolve_early_exits(edge_dir: Path, manifest: EdgeDirManifest) -> list[tuple[int, ExitSetup]]:
+    """Each early exit of a multi-exit edge with its rule and threshold: its calibrated one (`exit-k<k>/router.json`),
+    else max-prob >= 0.9. `--threshold` sets only the last exit's: an early exit's threshold is its own head's."""
+    setups = []
+    for entry in manifest.early_exits:
+        origin = entry.get("head_source") or UNTRAINED_HEAD
+        if entry.get("exit_rule"):
+            rule = load_exit_rule(edge_dir / Path(entry["exit_rule"]).parent)
+            setups.append((int(entry["exit_layer"]), ExitSetup(origin, rule, rule.threshold, "calibrated")))
+        else:
+            setups.append((int(entry["exit_layer"]), ExitSetup(origin, ExitRule(), DEFAULT_MAX_PROB_THRESHOLD, "default")))
+    return setups
+
+
 def resolve_exit_setup(edge_dir: Path, manifest: EdgeDirManifest, threshold: float | None = None) -> ExitSetup:
     """The rule in `edge_dir` (router.json) and its threshold, unless `threshold` is given."""
     rule = load_exit_rule(edge_dir) if manifest.exit_rule else ExitRule()

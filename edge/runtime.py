@@ -14,6 +14,12 @@ class EdgeStep:
 
     logits: np.ndarray  # [vocab] float32: exit-head logits at the chunk's last position (predicts the next token)
     hidden: np.ndarray  # [n, H] float32: layer-K hidden states of every position in the chunk
+    # A multi-exit runtime (offramp.edge.multi_exit) may stop at an earlier exit. Then `hidden` holds the layer-K
+    # states this call completed: those of the positions an earlier step left pending, then the chunk's (none if
+    # this step exited early too); the last `pending` positions of the cache still lack theirs.
+    exit_layer: int | None = None  # the layer whose exit head gave `logits`; None: the runtime's exit_layer (K)
+    pending: int = 0  # positions at the end of the cache without a layer-K state yet
+    confidence: float | None = None  # an early exit's own confidence (its calibrated rule); None: the loop's rule decides
 
 
 class EdgeRuntime(Protocol):
@@ -33,8 +39,13 @@ class EdgeRuntime(Protocol):
         """Process `input_ids` at positions length..length+n-1 (a prefill chunk or one decode step)."""
         ...
 
+    def fill(self) -> np.ndarray:
+        """The layer-K states [pending, H] of the positions early exits left pending (the newest ones), computed now;
+        a runtime with one exit never leaves any, and returns an empty array."""
+        ...
+
     def truncate(self, length: int) -> None:
-        """Drop cached positions >= length (rollback)."""
+        """Drop cached positions >= length (rollback), pending ones included."""
         ...
 
     def reset(self) -> None:

@@ -21,10 +21,10 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from offramp.edge.config import CLOUD_LOCAL, CLOUD_NONE, EdgeConfig, ServiceConfigError, cloud_token
-from offramp.edge.exit_setup import resolve_exit_setup
+from offramp.edge.exit_setup import resolve_early_exits, resolve_exit_setup
 from offramp.edge.decode_loop import DecodeOptions
 from offramp.edge.link import CLOUD_EXTRA_HINT, CloudLink, CloudUnavailableError, LocalLinkSpec, open_local_link
-from offramp.edge.onnx_runtime import OnnxEdgeRuntime
+from offramp.edge.multi_exit import ExitGate, open_edge_runtime
 from offramp.edge.precision import resolve_precision
 from offramp.edge.request_link import LinkHealth
 from offramp.edge.runtime import EdgeRuntime
@@ -53,7 +53,8 @@ def resolve_edge_dir(config: EdgeConfig, loaded: tuple[Any, Any] | None = None, 
             "or run an exported edge directory with --edge DIR (`offramp export --out DIR` on a full install)"
         ) from exc
     precision = resolve_precision(config.precision, config.cloud)
-    return ensure_edge_dir(config.model, config.export_exit_layer, [precision], config.head, config.trained_head, loaded, progress)
+    return ensure_edge_dir(config.model, config.export_exit_layer, [precision], config.head, config.trained_head, loaded, progress,
+                           early_exits=config.early_exits or ())
 
 
 def public_url(url: str) -> str:
@@ -88,7 +89,12 @@ class EdgeService:
         m = self.manifest
         if config.exit_layer is not None and config.exit_layer != m.exit_layer:
             raise ServiceConfigError(f"--exit-layer {config.exit_layer} does not match the edge directory {str(self.edge_dir)!r}, exported at K={m.exit_layer}")
+        if config.early_exits is not None and tuple(config.early_exits) != m.exit_layers[:-1]:
+            asked = [*config.early_exits, config.export_exit_layer]
+            raise ServiceConfigError(f"--exit-layers {' '.join(map(str, asked))} does not match the edge directory {str(self.edge_dir)!r}, "
+                                     f"exported with exits at {list(m.exit_layers)}")
         self.exit_layer = m.exit_layer
+        self.exit_layers = m.exit_layers
         self.total_layers = m.num_layers
         self.max_positions = m.max_positions
         self.vocab_size = m.vocab_size
@@ -96,11 +102,13 @@ class EdgeService:
         self.precision = resolve_precision(config.precision, config.cloud, m.precisions)
         self.executor = ThreadPoolExecutor(config.workers or os.cpu_count() or 1, thread_name_prefix="offramp-edge")
         self.exit_setup = resolve_exit_setup(self.edge_dir, m, config.threshold)
+        self.early_exits = resolve_early_exits(self.edge_dir, m)
         self.threshold = self.exit_setup.threshold
         self.confidence = self.exit_setup.rule.confidence
         self.tokenizer = EdgeTokenizer.from_dir(self.edge_dir / TOKENIZER_DIR)
         self.stop_ids: tuple[int, ...] = stop_token_ids(self.tokenizer)
-        first = OnnxEdgeRuntime(self.edge_dir / m.graphs[self.precision], intra_op_threads=config.edge_threads)
+        gates = [ExitGate(setup.rule.confidence, setup.threshold) for _, setup in self.early_exits]
+        first = open_edge_runtime(self.edge_dir / m.graphs[self.precision], gates, intra_op_threads=config.edge_threads)
         self.runtime_manifest = first.manifest
         self.pool = RuntimePool(first, config.max_sessions)
         self._wrap_runtime = wrap_runtime
@@ -207,6 +215,8 @@ class EdgeService:
             "precision": self.precision,
             "threshold": self.threshold,
             "exit_rule": self.exit_setup.describe(),
+            **({"exit_layers": list(self.exit_layers),
+                "early_exits": [{"exit_layer": k, **setup.describe()} for k, setup in self.early_exits]} if self.early_exits else {}),
             "catch_up": self.config.catch_up,
             "lossless": self.config.lossless,
             "max_draft": self.config.max_draft,

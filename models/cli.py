@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from offramp.shared.cli import add_exit_layers_flag
 from offramp.shared.edge_dir import DEFAULT_EXPORT_PRECISIONS
 from offramp.shared.edge_manifest import PRECISIONS
 
@@ -23,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def add_export(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="export a self-contained edge directory: ONNX graph(s), head, exit rule, tokenizer")
     p.add_argument("--model", default="default", help="'default', a local HF checkpoint dir, or a .gguf file")
-    p.add_argument("--exit-layer", type=int, required=True, help="K: the edge runs layers 0..K-1")
+    add_exit_layers_flag(p, required=True, help="K: the edge runs layers 0..K-1; several (`--exit-layers 8 15`, increasing): early "
+                         "exits inside the edge, each with the trained head of its layer when there is one, the last is K")
     p.add_argument("--out", type=Path, default=None, help="the edge directory (default: the artifacts cache for this model and K)")
     p.add_argument("--precision", choices=PRECISIONS, nargs="+", default=list(DEFAULT_EXPORT_PRECISIONS),
                    help="edge graphs to include (default: q4, int8 and fp32; `--edge-precision auto` picks int8 standalone, q4 collaborating)")
@@ -35,23 +37,24 @@ def add_export(subparsers: argparse._SubParsersAction) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from offramp.models import load_model
-    from offramp.models.edge_dir import ensure_edge_dir, export_edge_dir, pick_head
+    from offramp.models.edge_dir import ensure_edge_dir, export_edge_dir, pick_early_heads, pick_head
+    from offramp.shared.exit_layers import check_exit_layers
     from offramp.shared.edge_dir import EdgeDirManifest
 
     loaded = load_model(args.model)
+    *early, exit_layer = check_exit_layers(args.exit_layers, loaded[0].config.num_hidden_layers)
     if args.out is None:
-        out, _ = ensure_edge_dir(args.model, args.exit_layer, args.precision, args.head, not args.no_trained_head, loaded)
+        out, _ = ensure_edge_dir(args.model, exit_layer, args.precision, args.head, not args.no_trained_head, loaded, early_exits=early)
     else:
         model, tokenizer = loaded
-        from offramp.models.architecture import check_exit_layer
-
-        check_exit_layer(model, args.exit_layer)
-        head = pick_head(model, args.exit_layer, args.head, not args.no_trained_head)
-        out = export_edge_dir(model, tokenizer, args.model, args.exit_layer, args.out, args.precision, head, force=args.force)
+        head = pick_head(model, exit_layer, args.head, not args.no_trained_head)
+        out = export_edge_dir(model, tokenizer, args.model, exit_layer, args.out, args.precision, head, force=args.force,
+                              early_exits=early, early_head_dirs=pick_early_heads(model, early, not args.no_trained_head))
     manifest = EdgeDirManifest.read(out)
     graphs = ", ".join(f"{precision} {sum(f.stat().st_size for f in (out / rel).iterdir()) / 1e6:.1f} MB" for precision, rel in manifest.graphs.items())
     rule = "calibrated rule" if manifest.exit_rule else "max-prob rule"
-    print(f"{out}  (K={manifest.exit_layer}, {manifest.model_name}: {graphs}; head {manifest.head.get('kind')}, {rule}; "
+    exits = f"exits {'/'.join(map(str, manifest.exit_layers))}, " if manifest.early_exits else ""
+    print(f"{out}  ({exits}K={manifest.exit_layer}, {manifest.model_name}: {graphs}; head {manifest.head.get('kind')}, {rule}; "
           f"run it with `offramp edge serve --edge {out} --cloud URL`)")
     return 0
 
@@ -62,17 +65,22 @@ def run_export(args: argparse.Namespace) -> int:
 def _add_exit_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="'default', a local HF checkpoint dir, or a .gguf file")
     p.add_argument("--exit-layer", type=int, nargs="+", required=True, help="K (several share one teacher pass)")
-    p.add_argument("--corpus", nargs="+", default=None, metavar="FILE", help="plain-text files added to the default corpus")
-    p.add_argument("--quick", action="store_true", help="small corpus and few steps, for development")
+    p.add_argument("--corpus", nargs="+", default=None, metavar="FILE", help="plain-text files added to the corpus")
+    p.add_argument("--corpus-preset", choices=("default", "quick", "large"), default=None,
+                   help="default: 256 built-in prompts + human text (minutes); large: 3,072 catalog prompts, greedy + "
+                        "sampled, ~0.8M positions (~30 min on 2 cores, resumable; the shipped heads' corpus); "
+                        "quick: for development (default: the corpus the head was trained on, else default)")
+    p.add_argument("--quick", action="store_true", help="--corpus-preset quick and few steps, for development")
 
 
 def _corpus_spec(args: argparse.Namespace, head_dir: Path | None = None):
-    """--quick/--corpus if given, else the corpus the head was trained on, else the default corpus."""
-    from offramp.models.corpus import CorpusSpec
+    """--quick/--corpus-preset/--corpus if given, else the corpus the head was trained on, else the default corpus."""
+    from offramp.models.corpus import CORPUS_PRESETS, CorpusSpec
     from offramp.models.train_exits import corpus_spec_from_manifest
 
-    if args.quick or args.corpus:
-        spec = CorpusSpec.quick() if args.quick else CorpusSpec()
+    preset = "quick" if args.quick else args.corpus_preset
+    if preset or args.corpus:
+        spec = CORPUS_PRESETS[preset or "default"]()
         spec.files = tuple(str(Path(f).resolve()) for f in args.corpus or ())
         return spec
     return (corpus_spec_from_manifest(head_dir) if head_dir else None) or CorpusSpec()

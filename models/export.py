@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,8 @@ from offramp.shared.edge_manifest import (
     PRECISIONS,
     io_names,
 )
+from offramp.shared.errors import SplitConfigError
+from offramp.shared.exit_layers import check_exit_layers
 from offramp.shared.version import __version__
 
 OPSET = 18
@@ -44,8 +47,9 @@ def io_spec(edge: EdgePart) -> tuple[list[dict], list[dict]]:
     """Names, dtypes and shapes (symbolic dims named) of the graph's inputs and outputs, for the manifest."""
     g = edge.geometry
     kv_in, kv_out = [1, g.num_kv_heads, "past_len", g.head_dim], [1, g.num_kv_heads, "past_len + seq", g.head_dim]
-    ins, outs = io_names(edge.exit_layer, edge.head_kv_layers)
-    inputs = [{"name": ins[0], "dtype": "int64", "shape": [1, "seq"]}, {"name": ins[1], "dtype": "int64", "shape": [1, "seq"]}]
+    ins, outs = io_names(edge.exit_layer, edge.head_kv_layers, edge.first_layer)
+    first = {"name": ins[0], "dtype": "int64", "shape": [1, "seq"]} if edge.first_layer == 0 else {"name": ins[0], "dtype": "float32", "shape": [1, "seq", g.hidden_size]}
+    inputs = [first, {"name": ins[1], "dtype": "int64", "shape": [1, "seq"]}]
     inputs += [{"name": n, "dtype": "float32", "shape": kv_in} for n in ins[2:]]
     outputs = [
         {"name": outs[0], "dtype": "float32", "shape": [1, g.vocab_size]},
@@ -72,13 +76,13 @@ def _trace(edge: EdgePart) -> onnx.ModelProto:
     """torch.export-based (dynamo) export; example sizes avoid 0/1 so neither dim gets specialised."""
     g = edge.geometry
     seq_len, past_len = 5, 3
-    ids = torch.zeros((1, seq_len), dtype=torch.long)
+    ids = torch.zeros((1, seq_len), dtype=torch.long) if edge.first_layer == 0 else torch.zeros((1, seq_len, g.hidden_size))
     positions = torch.arange(past_len, past_len + seq_len)[None]
-    past = [torch.zeros(1, g.num_kv_heads, past_len, g.head_dim) for _ in range(2 * (edge.exit_layer + edge.head_kv_layers))]
+    past = [torch.zeros(1, g.num_kv_heads, past_len, g.head_dim) for _ in range(2 * (len(edge.layers) + edge.head_kv_layers))]
     seq = torch.export.Dim("seq", min=1, max=g.max_positions)
     past_dim = torch.export.Dim("past_len", min=0, max=g.max_positions)
     shapes = {"input_ids": {1: seq}, "position_ids": {1: seq}, "past_flat": tuple({2: past_dim} for _ in past)}
-    ins, outs = io_names(edge.exit_layer, edge.head_kv_layers)
+    ins, outs = io_names(edge.exit_layer, edge.head_kv_layers, edge.first_layer)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -140,6 +144,87 @@ def head_identity(head: nn.Module, head_manifest: dict | None) -> dict:
     return {"kind": getattr(head, "kind", type(head).__name__), "manifest": head_manifest}
 
 
+def _write_graph(edge: EdgePart, graph: Path, precision: str, bar: tqdm) -> dict | None:
+    """Trace `edge`, fold its tied weights and save it as `graph` (quantized through an fp32 copy unless fp32);
+    returns the quantization record. Advances `bar` by 3 stages (4 when quantized)."""
+    bar.set_postfix_str("tracing")
+    proto = _trace(edge)
+    bar.update()
+    bar.set_postfix_str("folding tied weights")
+    proto = fold_weight_transposes(proto)
+    bar.update()
+    bar.set_postfix_str("saving")
+    quantization = None
+    if precision != "fp32":
+        from offramp.models.quantize import quantize_graph
+
+        fp32_path = graph.parent / "fp32" / graph.name
+        fp32_path.parent.mkdir()
+        save_graph(proto, fp32_path)
+        del proto
+        bar.update()
+        bar.set_postfix_str(f"quantizing {precision}")
+        quantization = quantize_graph(fp32_path, graph, precision)
+        shutil.rmtree(fp32_path.parent)
+    else:
+        save_graph(proto, graph)
+        del proto
+    bar.update()
+    return quantization
+
+
+def _manifest(model: PreTrainedModel, last: EdgePart, precision: str, head_manifest: dict | None) -> dict:
+    """The manifest fields every edge graph dir has (the graph's own files and tensors are added by the caller)."""
+    g = last.geometry
+    return {
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_FORMAT_VERSION,
+        "offramp_version": __version__,
+        "model_fingerprint": model_fingerprint(model),
+        "model_type": model.config.model_type,
+        "exit_layer": last.exit_layer,
+        "head_kv_layers": last.head_kv_layers,
+        "precision": precision,
+        "quantization": None,
+        "opset": OPSET,
+        "graph_file": GRAPH_FILE,
+        "num_layers": g.num_layers,
+        "hidden_size": g.hidden_size,
+        "vocab_size": g.vocab_size,
+        "num_kv_heads": g.num_kv_heads,
+        "head_dim": g.head_dim,
+        "max_positions": g.max_positions,
+        "head": head_identity(last.head, head_manifest),
+    }
+
+
+def _staged_export(out_dir: Path, total_stages: int, desc: str, progress: bool, write: Callable[[Path, tqdm], dict]) -> Path:
+    """Run `write(tmp, bar)` into a temp dir beside `out_dir`, write the manifest it returns (with the files'
+    sizes) and rename the dir in, so a crash never leaves half a graph."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        with tqdm(total=total_stages + 1, desc=desc, unit="stage", disable=not progress) as bar:
+            manifest = write(tmp, bar)
+            bar.set_postfix_str("manifest")
+            manifest["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+            bar.update()
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+
+
 def export_edge(
     model: PreTrainedModel,
     exit_layer: int,
@@ -153,73 +238,61 @@ def export_edge(
 
     The directory is written next to its final place and renamed in, so a crash never leaves a half graph.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
-    out_dir = Path(out_dir)
+    _check_precision(precision)
     edge = EdgePart(model, exit_layer, head).eval()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)
-    quantized = precision != "fp32"
-    stages = ["tracing", "folding tied weights", "saving"] + ([f"quantizing {precision}"] if quantized else []) + ["manifest"]
-    try:
-        with tqdm(total=len(stages), desc=f"export K={exit_layer} {precision}", unit="stage", disable=not progress) as bar:
-            bar.set_postfix_str(stages[0])
-            proto = _trace(edge)
-            bar.update()
-            bar.set_postfix_str(stages[1])
-            proto = fold_weight_transposes(proto)
-            bar.update()
-            bar.set_postfix_str(stages[2])
-            graph = tmp / GRAPH_FILE
-            quantization = None
-            if quantized:
-                from offramp.models.quantize import quantize_graph
 
-                fp32_path = tmp / "fp32" / GRAPH_FILE
-                fp32_path.parent.mkdir()
-                save_graph(proto, fp32_path)
-                del proto
-                bar.update()
-                bar.set_postfix_str(stages[3])
-                quantization = quantize_graph(fp32_path, graph, precision)
-                shutil.rmtree(fp32_path.parent)
-            else:
-                save_graph(proto, graph)
-                del proto
-            bar.update()
-            bar.set_postfix_str(stages[-1])
-            inputs, outputs = io_spec(edge)
-            g = edge.geometry
-            manifest = {
-                "format": MANIFEST_FORMAT,
-                "format_version": MANIFEST_FORMAT_VERSION,
-                "offramp_version": __version__,
-                "model_fingerprint": model_fingerprint(model),
-                "model_type": model.config.model_type,
-                "exit_layer": exit_layer,
-                "head_kv_layers": edge.head_kv_layers,
-                "precision": precision,
-                "quantization": quantization,
-                "opset": OPSET,
-                "graph_file": GRAPH_FILE,
-                "num_layers": g.num_layers,
-                "hidden_size": g.hidden_size,
-                "vocab_size": g.vocab_size,
-                "num_kv_heads": g.num_kv_heads,
-                "head_dim": g.head_dim,
-                "max_positions": g.max_positions,
-                "head": head_identity(edge.head, head_manifest),
-                "inputs": inputs,
-                "outputs": outputs,
-                "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()},
-            }
-            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-            bar.update()
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    def write(tmp: Path, bar: tqdm) -> dict:
+        quantization = _write_graph(edge, tmp / GRAPH_FILE, precision, bar)
+        inputs, outputs = io_spec(edge)
+        return _manifest(model, edge, precision, head_manifest) | {"quantization": quantization, "inputs": inputs, "outputs": outputs}
+
+    stages = 3 + (precision != "fp32")
+    return _staged_export(Path(out_dir), stages, f"export K={exit_layer} {precision}", progress, write)
+
+
+def segment_file(index: int) -> str:
+    return f"segment-{index}.onnx"
+
+
+def export_multi_exit(
+    model: PreTrainedModel,
+    exit_layers: Sequence[int],
+    out_dir: Path | str,
+    precision: str = "fp32",
+    heads: Sequence[tuple[nn.Module | None, dict | None]] | None = None,
+    progress: bool = True,
+) -> Path:
+    """One graph per segment of a multi-exit edge (exits at k1 < k2 < ... < K) + `manifest.json` into out_dir.
+
+    Segment i runs layers k_{i-1}..k_i - 1 (the first from token ids, the others from the previous segment's
+    hidden states) and the exit head at k_i (`heads[i]`: (module, training manifest), None: final norm + LM head),
+    with its own KV. The manifest is a single-exit one for the last exit K (what the cloud continues from) plus
+    `exit_layers` and `segments` (each segment's layers, file, head and tensors); offramp.edge.multi_exit runs it.
+    """
+    _check_precision(precision)
+    layers = check_exit_layers(exit_layers, model.config.num_hidden_layers)
+    if len(layers) < 2:
+        raise SplitConfigError(f"a multi-exit edge needs two exit layers or more, got {list(layers)}; export one with export_edge")
+    heads = list(heads) if heads is not None else [(None, None)] * len(layers)
+    if len(heads) != len(layers):
+        raise SplitConfigError(f"{len(heads)} exit heads for {len(layers)} exit layers {list(layers)}")
+    firsts = (0, *layers[:-1])
+    parts = [EdgePart(model, k, head, first_layer=first).eval() for first, k, (head, _) in zip(firsts, layers, heads)]
+
+    def write(tmp: Path, bar: tqdm) -> dict:
+        segments = []
+        for i, (part, (_, head_manifest)) in enumerate(zip(parts, heads)):
+            quantization = _write_graph(part, tmp / segment_file(i), precision, bar)
+            inputs, outputs = io_spec(part)
+            segments.append({
+                "first_layer": part.first_layer, "exit_layer": part.exit_layer, "graph_file": segment_file(i),
+                "head_kv_layers": part.head_kv_layers, "head": head_identity(part.head, head_manifest),
+                "quantization": quantization, "inputs": inputs, "outputs": outputs,
+            })
+        manifest = _manifest(model, parts[-1], precision, heads[-1][1])
+        manifest.update(graph_file=None, quantization=segments[-1]["quantization"], exit_layers=list(layers), segments=segments)
+        return manifest
+
+    stages = len(parts) * (3 + (precision != "fp32"))
+    desc = f"export exits {'/'.join(map(str, layers))} {precision}"
+    return _staged_export(Path(out_dir), stages, desc, progress, write)

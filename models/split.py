@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 from offramp.models.architecture import Geometry, check_exit_layer, check_supported
 from offramp.models.decoder import KV, run_layers
 from offramp.models.exit_heads import FinalNormHead, head_kv_layers
+from offramp.shared.errors import SplitConfigError
 
 
 @dataclass
@@ -24,16 +25,23 @@ class EdgeOutput:
 
 
 class EdgePart(nn.Module):
-    """Embeddings, decoder layers 0..K-1 and an exit head."""
+    """Embeddings, decoder layers 0..K-1 and an exit head.
 
-    def __init__(self, model: PreTrainedModel, exit_layer: int, head: nn.Module | None = None) -> None:
+    With `first_layer` > 0 it is one segment of a multi-exit edge (offramp.edge.multi_exit): layers
+    first_layer..K-1 and the exit head at K, fed the layer-`first_layer` hidden states instead of token ids.
+    """
+
+    def __init__(self, model: PreTrainedModel, exit_layer: int, head: nn.Module | None = None, first_layer: int = 0) -> None:
         super().__init__()
         check_supported(model)
         check_exit_layer(model, exit_layer)
+        if not 0 <= first_layer < exit_layer:
+            raise SplitConfigError(f"a segment's first layer {first_layer!r} must be in 0..{exit_layer - 1} (below its exit layer {exit_layer})")
         self.exit_layer = exit_layer
+        self.first_layer = first_layer
         self.geometry = Geometry.of(model)
-        self.embed_tokens = model.model.embed_tokens
-        self.layers = nn.ModuleList(model.model.layers[:exit_layer])
+        self.embed_tokens = model.model.embed_tokens if first_layer == 0 else None
+        self.layers = nn.ModuleList(model.model.layers[first_layer:exit_layer])
         self.rotary_emb = model.model.rotary_emb
         self.head = head if head is not None else FinalNormHead(model)
         self.head_kv_layers = head_kv_layers(self.head)
@@ -46,9 +54,10 @@ class EdgePart(nn.Module):
         explicit_mask: bool = False,
         last_only: bool = False,
     ) -> EdgeOutput:
-        """`past`: the edge layers' KV, then the head's; `last_only`: exit logits of the last position only."""
-        k = self.exit_layer
-        hidden = self.embed_tokens(input_ids)
+        """`input_ids`: token ids [batch, q_len] (or, for a later segment, layer-`first_layer` states [batch, q_len, H]);
+        `past`: the edge layers' KV, then the head's; `last_only`: exit logits of the last position only."""
+        k = len(self.layers)
+        hidden = self.embed_tokens(input_ids) if self.embed_tokens is not None else input_ids
         hidden, present = run_layers(self.layers, self.rotary_emb, hidden, position_ids, None if past is None else past[:k], explicit_mask)
         if self.head_kv_layers:  # the head attends: it runs over every new position, keeping its own KV
             feats, head_present = self.head.run(hidden, position_ids, None if past is None else past[k:], explicit_mask)

@@ -32,6 +32,13 @@ def config_from_args(cls: type[C], args: argparse.Namespace, **overrides: Any) -
     return cls(**(values | overrides))
 
 
+def add_exit_layers_flag(p: argparse.ArgumentParser, required: bool, help: str) -> None:
+    """`--exit-layer K`, or several exits `--exit-layers 8 15` (two spellings of one flag, into `args.exit_layers`):
+    export, generate and the daemon take it alike."""
+    p.add_argument("--exit-layers", "--exit-layer", dest="exit_layers", type=int, nargs="+", required=required, default=None,
+                   metavar="K", help=help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="offramp", description="Edge/cloud collaborative LLM inference.")
     parser.add_argument("--version", action="version", version=f"offramp {__version__}")

@@ -7,6 +7,7 @@ transformers (`offramp edge serve --edge DIR`, `offramp generate --edge DIR`, `L
     DIR/graph-fp32/            an edge graph (edge.onnx + its manifest.json, see offramp.shared.edge_manifest)
     DIR/graph-int8/            ... one per exported precision
     DIR/router.json            the calibrated exit rule, when `offramp calibrate` left one for the head
+    DIR/exit-k8/router.json    a multi-exit edge (`--exit-layers 8 15`): each early exit's calibrated rule, if any
     DIR/tokenizer/             tokenizer.json, tokenizer_config.json (special tokens), chat_template.jinja
 
 Plain JSON and pathlib, like the graph manifest, so both sides read it without torch.
@@ -56,13 +57,24 @@ class EdgeDirManifest:
     offramp_version: str = ""
     format: str = EDGE_DIR_FORMAT
     format_version: int = EDGE_DIR_FORMAT_VERSION
+    # Exits before K, in order (a multi-exit edge; empty for one exit, and then not written): each
+    # {"exit_layer": k, "head": identity, "exit_rule": "exit-k<k>/router.json" or None, "head_source": dir or None}
+    early_exits: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def exit_layers(self) -> tuple[int, ...]:
+        """Every exit, the split K last."""
+        return (*(int(e["exit_layer"]) for e in self.early_exits), self.exit_layer)
 
     def write(self, edge_dir: Path) -> Path:
         """Write edge.json atomically (a reader never sees half of it)."""
         path = Path(edge_dir) / EDGE_DIR_FILE
+        data = asdict(self)
+        if not self.early_exits:  # a one-exit directory's edge.json is what it always was
+            del data["early_exits"]
         fd, tmp = tempfile.mkstemp(prefix=".edge-", suffix=".json", dir=edge_dir)
         with os.fdopen(fd, "w") as out:
-            json.dump(asdict(self), out, indent=2)
+            json.dump(data, out, indent=2)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
         return path
@@ -90,16 +102,25 @@ class EdgeDirManifest:
         for precision, rel in self.graphs.items():
             if precision not in PRECISIONS:
                 raise ArtifactError(f"{edge_dir / EDGE_DIR_FILE}: graph precision {precision!r} is not one of {PRECISIONS}")
-            check_manifest(edge_dir / rel, fingerprint=self.model_fingerprint, exit_layer=self.exit_layer, precision=precision)
+            graph = check_manifest(edge_dir / rel, fingerprint=self.model_fingerprint, exit_layer=self.exit_layer, precision=precision)
+            if tuple(graph.get("exit_layers", (self.exit_layer,))) != self.exit_layers:
+                raise ArtifactError(f"edge graph {edge_dir / rel} has exits at {graph.get('exit_layers', [self.exit_layer])}, "
+                                    f"{EDGE_DIR_FILE} says {list(self.exit_layers)}; export the edge directory again")
         for rel, size in self.files.items():
             path = edge_dir / rel
             if not path.is_file():
                 raise ArtifactError(f"{path} is missing (listed in {EDGE_DIR_FILE}); export the edge directory again")
             if path.stat().st_size != size:
                 raise ArtifactError(f"{path} is {path.stat().st_size} bytes, {EDGE_DIR_FILE} says {size}: truncated or replaced; export again")
-        if self.exit_rule is not None and self.exit_rule not in self.files:
-            raise ArtifactError(f"{edge_dir / EDGE_DIR_FILE} names exit rule {self.exit_rule!r} but does not list it among its files")
+        for rule in [self.exit_rule, *(e.get("exit_rule") for e in self.early_exits)]:
+            if rule is not None and rule not in self.files:
+                raise ArtifactError(f"{edge_dir / EDGE_DIR_FILE} names exit rule {rule!r} but does not list it among its files")
 
     @property
     def precisions(self) -> tuple[str, ...]:
         return tuple(p for p in PRECISIONS if p in self.graphs)
+
+
+def early_exit_rule_dir(exit_layer: int) -> str:
+    """Where an early exit's calibrated rule lives in an edge directory (its `router.json`)."""
+    return f"exit-k{exit_layer}"

@@ -19,12 +19,16 @@ MANIFEST_FORMAT_VERSION = 2  # 2: quantized graphs record their recipe (a versio
 PRECISIONS = ("fp32", "int8", "q4")  # quantized ones: offramp.models.quantize.RECIPES
 
 
-def io_names(exit_layer: int, head_kv_layers: int = 0) -> tuple[list[str], list[str]]:
+def io_names(exit_layer: int, head_kv_layers: int = 0, first_layer: int = 0) -> tuple[list[str], list[str]]:
     """Input and output tensor names of the edge graph, in order: the edge layers' KV (`key_0`..), then the exit
-    head's own (`key_head0`.., manifest `head_kv_layers`, 0 for position-wise heads)."""
-    layers = [str(i) for i in range(exit_layer)] + [f"head{j}" for j in range(head_kv_layers)]
+    head's own (`key_head0`.., manifest `head_kv_layers`, 0 for position-wise heads).
+
+    A later segment of a multi-exit edge (`first_layer` > 0) takes the layer-`first_layer` states (`hidden_in`)
+    instead of token ids, and its KV names count from its first layer (`key_8`.. for a segment starting at 8)."""
+    layers = [str(i) for i in range(first_layer, exit_layer)] + [f"head{j}" for j in range(head_kv_layers)]
     kv = [f"{kv}_{i}" for i in layers for kv in ("key", "value")]
-    return ["input_ids", "position_ids"] + [f"past_{n}" for n in kv], ["exit_logits", "hidden"] + [f"present_{n}" for n in kv]
+    first = "input_ids" if first_layer == 0 else "hidden_in"
+    return [first, "position_ids"] + [f"past_{n}" for n in kv], ["exit_logits", "hidden"] + [f"present_{n}" for n in kv]
 
 
 def read_format_json(path: Path, fmt: str, version: int, what: str) -> dict:
