@@ -61,18 +61,38 @@ def scored_range(seq: TextSequence) -> range:
     return range(max(seq.score_from - 1, 0), len(seq.input_ids) - 1)
 
 
-def _cache_dir(model: PreTrainedModel, seqs: Sequence[TextSequence]) -> Path:
-    return offramp_home() / "teacher" / model_fingerprint(model)[:16] / corpus_key(seqs)
+def _cache_dir(model: PreTrainedModel, seqs: Sequence[TextSequence], train_dtype: str = "float32") -> Path:
+    suffix = "" if train_dtype == "float32" else f"-{train_dtype}-train"
+    return offramp_home() / "teacher" / model_fingerprint(model)[:16] / (corpus_key(seqs) + suffix)
+
+
+def _split_models(model: PreTrainedModel, seqs: Sequence[TextSequence], train_dtype: str) -> list[tuple[PreTrainedModel, list[int]]]:
+    """(model, sequence indices) pairs: train-split sequences through a `train_dtype` copy when asked, held-out
+    ones always through the fp32 model, so calibration and evaluation judge against exact targets."""
+    if train_dtype == "float32":
+        return [(model, list(range(len(seqs))))]
+    import copy
+
+    fast = copy.deepcopy(model).to(getattr(torch, train_dtype))
+    train = [i for i, s in enumerate(seqs) if s.split == "train"]
+    held_out = [i for i, s in enumerate(seqs) if s.split != "train"]
+    return [(fast, train), (model, held_out)]
 
 
 @torch.no_grad()
 def _teacher_pass(
-    model: PreTrainedModel, seqs: Sequence[TextSequence], layers: Sequence[int], batch_tokens: int
+    model: PreTrainedModel, seqs: Sequence[TextSequence], layers: Sequence[int], batch_tokens: int,
+    train_dtype: str = "float32",
 ) -> dict[str, torch.Tensor]:
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("final", "top1", "topk", "next_token", "full_logprob", "seq")}
     out.update({f"layer{k}": [] for k in layers})
     pad = 0
-    for batch in tqdm(_length_batches(seqs, batch_tokens), desc="teacher pass", unit="batch"):
+    jobs = [
+        (m, [idx[b] for b in batch])
+        for m, idx in _split_models(model, seqs, train_dtype)
+        for batch in _length_batches([seqs[i] for i in idx], batch_tokens)
+    ]
+    for model, batch in tqdm(jobs, desc="teacher pass", unit="batch", leave=len(jobs) > 20):
         width = max(len(seqs[i].input_ids) for i in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -103,7 +123,10 @@ def _teacher_pass(
     return {k: v[order_back].contiguous() for k, v in cat.items()}
 
 
-def _family(source: str) -> str:
+def _family(seq: TextSequence) -> str:
+    if seq.shard:  # a shard of the large self-generated corpus: a teacher cache each, so the pass resumes by shard
+        return f"selfgen-{seq.shard}"
+    source = seq.source
     return "selfgen" if source in ("chat", "plain", "sampled") else "human" if source in ("stdlib", "readme") else source
 
 
@@ -111,12 +134,13 @@ def _families(seqs: Sequence[TextSequence]) -> list[list[int]]:
     """Sequence indices per cache family, in first-seen order (the order teacher_data concatenates them)."""
     families: dict[str, list[int]] = {}
     for i, s in enumerate(seqs):
-        families.setdefault(_family(s.source), []).append(i)
+        families.setdefault(_family(s), []).append(i)
     return list(families.values())
 
 
 def teacher_data(
-    model: PreTrainedModel, seqs: Sequence[TextSequence], layers: Sequence[int], batch_tokens: int = 2048
+    model: PreTrainedModel, seqs: Sequence[TextSequence], layers: Sequence[int], batch_tokens: int = 2048,
+    train_dtype: str = "float32",
 ) -> TeacherData:
     """Targets for `seqs` with layer-K states for each K in `layers`; computed once, then read from the cache.
 
@@ -125,9 +149,9 @@ def teacher_data(
     """
     for k in layers:
         check_exit_layer(model, k)
-    parts = []
-    for idx in _families(seqs):
-        part = _teacher_data_cached(model, [seqs[i] for i in idx], layers, batch_tokens)
+    parts, families = [], _families(seqs)
+    for idx in tqdm(families, desc="teacher targets by shard", unit="shard", disable=len(families) < 4):
+        part = _teacher_data_cached(model, [seqs[i] for i in idx], layers, batch_tokens, train_dtype)
         part.seq = torch.tensor(idx, dtype=torch.int32)[part.seq.long()]
         parts.append(part)
     return TeacherData(
@@ -137,13 +161,13 @@ def teacher_data(
 
 
 def _teacher_data_cached(
-    model: PreTrainedModel, seqs: Sequence[TextSequence], layers: Sequence[int], batch_tokens: int
+    model: PreTrainedModel, seqs: Sequence[TextSequence], layers: Sequence[int], batch_tokens: int, train_dtype: str
 ) -> TeacherData:
-    cache = _cache_dir(model, seqs)
+    cache = _cache_dir(model, seqs, train_dtype)
     missing = [k for k in layers if not (cache / f"layer{k}.safetensors").is_file()]
     if not (cache / "targets.safetensors").is_file() or missing:
         cache.mkdir(parents=True, exist_ok=True)
-        tensors = _teacher_pass(model, seqs, sorted(set(layers)), batch_tokens)
+        tensors = _teacher_pass(model, seqs, sorted(set(layers)), batch_tokens, train_dtype)
         for k in layers:
             save_file({"hidden": tensors.pop(f"layer{k}")}, str(cache / f"layer{k}.safetensors"))
         if not (cache / "targets.safetensors").is_file():

@@ -244,7 +244,7 @@ def prepare(model_spec: str, spec: CorpusSpec, layers: list[int], context: bool 
 
     model, tok = load_model(model_spec)
     seqs = build_corpus(model, tok, spec)
-    data = teacher_data(model, seqs, layers)
+    data = teacher_data(model, seqs, layers, train_dtype=spec.teacher_train_dtype)
     prep = Prepared(model, tok, model_fingerprint(model), spec, seqs, data)
     return prep.add_context(layers) if context else prep
 
