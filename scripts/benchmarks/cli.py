@@ -14,6 +14,7 @@ TOOLS = {
     "compare": ("offramp.bench.compare", "collaborative vs cloud-only vs edge-only over emulated links (scripts/bench)"),
     "soak": ("offramp.bench.soak", "concurrent edge sessions through a real cloud for as long as asked (scripts/soak)"),
     "edge-step": ("offramp.bench.edge_step", "edge decode-step latency (and fidelity) of the edge graph precisions"),
+    "exit-step": ("offramp.bench.exit_step", "edge time per token with several exits (--exit-layers 8 15) vs one, at forced early-exit rates"),
     "batching": ("offramp.bench.batching", "deep-layer throughput: one forward per session vs one batched forward"),
     "kv-step": ("offramp.bench.kv_step", "the cloud's batched decode step at long context"),
     "replicas": ("offramp.bench.replicas", "the single cloud server vs Ray Serve with 1 and 2 engine replicas"),

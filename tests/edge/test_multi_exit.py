@@ -198,3 +198,39 @@ def test_edge_config_refuses_a_bad_list() -> None:
 
     with pytest.raises(ServiceConfigError, match="must increase: 8 follows 15"):
         EdgeConfig(exit_layer=8, early_exits=(15,))
+
+
+def test_generate_with_exit_layers_exports_a_multi_exit_edge_and_reports_exits_by_layer(tmp_path, monkeypatch, capsys) -> None:
+    """`offramp generate --model DIR --exit-layers 1 3`: the head train-exits left at layer 1 (its router.json:
+    threshold 0, so every decode step leaves there) is exported as the early exit; lossless output is the full
+    model's, exit mode emits the early drafts itself, and both report exits_by_layer."""
+    from offramp.models import load_model
+    from offramp.models.exit_heads import build_head, save_head
+    from offramp.models.fingerprint import model_fingerprint
+    from offramp.models.train_exits import default_head_dir
+    from offramp.shared.cli import main
+    from offramp.shared.exit_rule import ExitRule, save_exit_rule
+    from tests.conftest import save_tiny_checkpoint
+
+    monkeypatch.setenv("OFFRAMP_HOME", str(tmp_path / "home"))
+    checkpoint = str(save_tiny_checkpoint(tmp_path / "ckpt", num_layers=4, seed=5))
+    model, _ = load_model(checkpoint)
+    head_dir = default_head_dir(model_fingerprint(model), 1)
+    torch.manual_seed(0)
+    save_head(build_head("residual_mlp", model, {"width": 16, "depth": 1}), head_dir, {"exit_layer": 1, "model_fingerprint": model_fingerprint(model)})
+    save_exit_rule(ExitRule("max_prob", 0.0), head_dir)
+
+    def generate(*flags: str) -> dict:
+        argv = ["generate", "--model", checkpoint, "--prompt", "t1 t2 t3 t9", "--max-new-tokens", "10", "--json", *flags]
+        assert main(argv) == 0
+        return json.loads(capsys.readouterr().out)
+
+    common = ("--exit-layers", "1", "3", "--cloud", "local", "--codec", "fp32", "--edge-precision", "fp32")
+    lossless = generate(*common)
+    assert lossless["exit_layers"] == [1, 3] and lossless["exit_layer"] == 3
+    assert lossless["token_ids"] == generate("--cloud-only")["token_ids"]
+    assert lossless["stats"]["exits_by_layer"].get("1", 0) > 0 and lossless["stats"]["edge_fills"] > 0
+    exits = generate(*common, "--no-lossless", "--threshold", "2")
+    assert exits["sources"][1:] == [EDGE] * 9 and exits["stats"]["exits_by_layer"]["1"] == 9
+    assert main(["export", "--model", checkpoint, "--exit-layers", "3", "3", "--out", str(tmp_path / "bad")]) != 0
+    assert "exit layer 3 appears twice in [3, 3]" in capsys.readouterr().err
