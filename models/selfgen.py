@@ -36,12 +36,12 @@ from offramp.models.corpus import (
 from offramp.models.fingerprint import model_fingerprint
 from offramp.shared.paths import offramp_home
 
-SELFGEN_VERSION = 1
+SELFGEN_VERSION = 2
 SHARD_PROMPTS = 256  # prompts per shard: the unit of resumption and of the teacher cache
 SAMPLED_TEMPERATURES = (0.7, 1.0)  # serving temperatures; each prompt's sampled continuation takes one in turn
 TOP_P = 0.95
 TOP_K = 256  # the nucleus is drawn from the 256 likeliest tokens (a full-vocabulary sort a step cost more than the model)
-BATCH_ROWS = 256  # rows decoded together: a decode step is mostly per-op overhead on CPU, so wide batches pay
+BATCH_ROWS = 2 * SHARD_PROMPTS  # rows decoded together (a shard's greedy and sampled rows): a decode step is mostly per-op overhead on CPU, so wide batches pay
 
 MORE_TOPICS = (
     "quantum computing", "the Silk Road", "octopuses", "meditation", "the Eiffel Tower", "nuclear energy",
@@ -140,16 +140,19 @@ def sampled_temperature(doc_id: str) -> float:
     return SAMPLED_TEMPERATURES[int(hashlib.sha256(doc_id.encode()).hexdigest()[12:16], 16) % len(SAMPLED_TEMPERATURES)]
 
 
-def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
-    """Greedy (temperature 0) or nucleus sampling at `temperature` (top-p TOP_P within the TOP_K likeliest), from
-    [B, V] fp32 logits."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    top, order = logits.topk(min(TOP_K, logits.shape[-1]), -1)  # sorted, largest first
-    sorted_p = torch.softmax(top / temperature, -1)
+def _pick(logits: torch.Tensor, temperature: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Per row: greedy (temperature 0) or nucleus sampling at its temperature (top-p TOP_P within the TOP_K
+    likeliest tokens), from [B, V] fp32 logits and [B] temperatures."""
+    greedy = logits.argmax(-1)
+    sampled = temperature > 0
+    if not sampled.any():
+        return greedy
+    top, order = logits[sampled].topk(min(TOP_K, logits.shape[-1]), -1)  # sorted, largest first
+    sorted_p = torch.softmax(top / temperature[sampled, None], -1)
     sorted_p[(sorted_p.cumsum(-1) - sorted_p) > TOP_P] = 0.0
     choice = torch.multinomial(sorted_p, 1, generator=generator)
-    return order.gather(-1, choice)[:, 0]
+    greedy[sampled] = order.gather(-1, choice)[:, 0]
+    return greedy
 
 
 @torch.no_grad()
@@ -159,12 +162,15 @@ def continue_prompts(
     max_new_tokens: int,
     stop_ids: Sequence[int],
     pad_id: int,
-    temperature: float = 0.0,
+    temperature: float | Sequence[float] = 0.0,
     generator: torch.Generator | None = None,
 ) -> list[list[int]]:
-    """Continue left-padded prompts in one batch with a KV cache; rows leave the batch at a stop token."""
+    """Continue left-padded prompts in one batch with a KV cache (a temperature per row, 0 = greedy); rows leave
+    the batch at a stop token."""
     if not prompts:
         return []
+    temps = torch.tensor([temperature] * len(prompts) if isinstance(temperature, (int, float)) else list(temperature),
+                         dtype=torch.float32)
     generator = generator or torch.Generator().manual_seed(0)
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -180,7 +186,7 @@ def continue_prompts(
     stops = torch.tensor(list(stop_ids), dtype=torch.long)
     results: list[list[int]] = [[] for _ in prompts]
     for step in range(max_new_tokens):
-        token = _pick(out.logits[:, -1].float(), temperature, generator)
+        token = _pick(out.logits[:, -1].float(), temps, generator)
         for row, t in zip(alive.tolist(), token.tolist()):
             results[row].append(t)
         keep = ~torch.isin(token, stops)
@@ -189,7 +195,7 @@ def continue_prompts(
         if not keep.all():
             idx = keep.nonzero()[:, 0]
             cache.batch_select_indices(idx)
-            alive, mask, token, next_position = alive[idx], mask[idx], token[idx], next_position[idx]
+            alive, mask, token, next_position, temps = alive[idx], mask[idx], token[idx], next_position[idx], temps[idx]
         mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=torch.long)], -1)
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position[:, None],
                     cache=cache, use_cache=True)
@@ -213,19 +219,15 @@ def _shard_sequences(
     stops = [t for t in {tok.eos_token_id, *(tok.convert_tokens_to_ids(["<|im_end|>"]) if "<|im_end|>" in tok.get_vocab() else [])} if t is not None]
     generator = torch.Generator().manual_seed(seed * 100_003 + shard)
     jobs = [(i, 0.0) for i in range(len(prompts))] + [(i, sampled_temperature(prompts[i][0])) for i in range(len(prompts))]
-    jobs.sort(key=lambda j: (j[1], len(encoded[j[0]])))  # one temperature and similar lengths per batch
+    jobs.sort(key=lambda j: len(encoded[j[0]]))  # similar prompt lengths share a batch
     seqs = []
     for start in range(0, len(jobs), BATCH_ROWS):
         batch = jobs[start : start + BATCH_ROWS]
-        by_temp: dict[float, list[int]] = {}
-        for i, temp in batch:
-            by_temp.setdefault(temp, []).append(i)
-        for temp, idx in by_temp.items():
-            conts = continue_prompts(model, [encoded[i] for i in idx], max_new_tokens, stops, pad, temp, generator)
-            for i, cont in zip(idx, conts):
-                doc_id, source, _ = prompts[i]
-                seqs.append(TextSequence(doc_id if temp == 0 else f"{doc_id}@t{temp}", source if temp == 0 else "sampled",
-                                         split_of(doc_id), encoded[i] + cont, len(encoded[i]), shard=f"s{shard}"))
+        conts = continue_prompts(model, [encoded[i] for i, _ in batch], max_new_tokens, stops, pad, [t for _, t in batch], generator)
+        for (i, temp), cont in zip(batch, conts):
+            doc_id, source, _ = prompts[i]
+            seqs.append(TextSequence(doc_id if temp == 0 else f"{doc_id}@t{temp}", source if temp == 0 else "sampled",
+                                     split_of(doc_id), encoded[i] + cont, len(encoded[i]), shard=f"s{shard}"))
     seqs.sort(key=lambda s: s.doc_id)
     return seqs
 
