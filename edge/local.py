@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -114,6 +114,7 @@ class LocalEngine:
         *,
         edge: str | Path | None = None,
         exit_layer: int | None = None,
+        early_exits: Sequence[int] | None = None,
         cloud: str = "none",
         precision: str = "auto",
         threshold: float | None = None,
@@ -130,10 +131,12 @@ class LocalEngine:
 
         Like `offramp generate`: the edge directory's calibrated rule and threshold are used when it has them; with
         `model`, the trained head `offramp train-exits` left for it and K is exported (`head` names another head
-        dir, `trained_head=False` keeps the untrained final-norm head); an explicit `threshold` wins.
+        dir, `trained_head=False` keeps the untrained final-norm head); an explicit `threshold` wins. `early_exits`
+        (exits before `exit_layer`, e.g. (8,) for exits at 8 and 15) runs a multi-exit edge, as `--exit-layers 8 15`.
         """
         self.config = EdgeConfig(
             edge=Path(edge) if edge is not None else None, model=model, exit_layer=exit_layer, precision=precision,
+            early_exits=tuple(early_exits) if early_exits is not None else None,
             cloud=cloud, codec=codec, threshold=threshold, max_sessions=max_sessions,
             head=Path(head) if head is not None else None, cloud_token=cloud_token,
             trained_head=trained_head, cloud_timeout_s=cloud_timeout_s, verify_tls=verify_tls,

@@ -23,7 +23,7 @@ from tests.edge.test_daemon_process import CloudProcess, closed_port
 
 ROOT = Path(__file__).resolve().parents[2]
 EDGE_MODULES = ("offramp.edge", "offramp.edge.cli", "offramp.edge.daemon", "offramp.edge.local", "offramp.edge.service",
-                "offramp.edge.ws_link", "offramp.edge.client", "offramp.edge.tokenizer", "offramp.shared.cli")
+                "offramp.edge.ws_link", "offramp.edge.client", "offramp.edge.tokenizer", "offramp.edge.multi_exit", "offramp.shared.cli")
 
 # Run in a child: make torch, transformers and the cloud/model packages unimportable, then do what the edge does.
 BLOCKED = '''
