@@ -17,11 +17,12 @@ def check_exit_layers(layers: Sequence[int], num_layers: int | None = None) -> t
     layers = tuple(layers)
     if not layers:
         raise SplitConfigError("exit layers: give at least one (the split K)")
+    where = f" in {list(layers)}" if len(layers) > 1 else ""
     for layer in layers:
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
-            raise SplitConfigError(f"exit layer {layer!r} in {list(layers)} must be an int >= 1")
+            raise SplitConfigError(f"exit layer {layer!r}{where} must be an int >= 1")
         if num_layers is not None and layer > num_layers - 1:
-            raise SplitConfigError(f"exit layer {layer} in {list(layers)} is out of range: the model has {num_layers} layers, so each must be in 1..{num_layers - 1}")
+            raise SplitConfigError(f"exit layer {layer}{where} is out of range: the model has {num_layers} layers, so {'each exit' if where else 'K'} must be in 1..{num_layers - 1}")
     for before, after in zip(layers, layers[1:]):
         if after == before:
             raise SplitConfigError(f"exit layer {after} appears twice in {list(layers)}")
