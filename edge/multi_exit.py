@@ -100,7 +100,9 @@ class MultiExitRuntime:
     def _inputs(self, i: int, below: np.ndarray | None) -> np.ndarray:
         """Segment i's input: its waiting positions, then what the segment below just produced."""
         waiting, self._waiting[i] = self._waiting[i], self._waiting[i][:0]
-        return waiting if below is None or len(below) == 0 else np.concatenate([waiting, below]) if len(waiting) else below
+        if below is None or len(below) == 0:
+            return waiting
+        return np.concatenate([waiting, below]) if len(waiting) else below
 
     def run(self, input_ids: list[int]) -> EdgeStep:
         """Segment 1 on the new tokens; a single new token confident at an exit stops there (a prefill chunk always
