@@ -33,6 +33,7 @@ from offramp.models.corpus import (
     encode_prompt,
     split_of,
 )
+from offramp.models.checkpoints import bfloat16_copy
 from offramp.models.fingerprint import model_fingerprint
 from offramp.shared.paths import offramp_home
 
@@ -180,13 +181,15 @@ def continue_prompts(
         mask[row, width - len(p) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+    # The base model, then the LM head on [B, H] rows: a 3-D non-contiguous input (what logits_to_keep slices) sends
+    # a bf16 linear through a batched matmul that copies the 49k x H weight per row (minutes a step; OOM at 512).
+    hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True).last_hidden_state
     alive = torch.arange(len(prompts))
     next_position = mask.sum(-1)
     stops = torch.tensor(list(stop_ids), dtype=torch.long)
     results: list[list[int]] = [[] for _ in prompts]
     for step in range(max_new_tokens):
-        token = _pick(out.logits[:, -1].float(), temps, generator)
+        token = _pick(model.lm_head(hidden[:, -1].contiguous()).float(), temps, generator)
         for row, t in zip(alive.tolist(), token.tolist()):
             results[row].append(t)
         keep = ~torch.isin(token, stops)
@@ -197,8 +200,8 @@ def continue_prompts(
             cache.batch_select_indices(idx)
             alive, mask, token, next_position, temps = alive[idx], mask[idx], token[idx], next_position[idx], temps[idx]
         mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=torch.long)], -1)
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position[:, None],
-                    cache=cache, use_cache=True)
+        hidden = model.model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position[:, None],
+                             cache=cache, use_cache=True).last_hidden_state
         next_position = next_position + 1
     return results
 
@@ -250,7 +253,7 @@ def large_selfgen_sequences(
     paths = [store / f"shard-{n:05d}.json" for n in range(len(shards))]
     todo = [n for n, path in enumerate(paths) if not path.is_file()]
     if todo:
-        fast = _bfloat16_copy(model)
+        fast = bfloat16_copy(model)
         done = sum(len(shards[n]) for n in range(len(shards)) if n not in todo)
         with tqdm(total=len(catalog), initial=done, desc="self-generated corpus", unit="prompt") as bar:
             for n in todo:
@@ -261,12 +264,3 @@ def large_selfgen_sequences(
                 bar.update(len(shards[n]))
         del fast
     return [TextSequence(**row) for path in paths for row in json.loads(path.read_text())]
-
-
-def _bfloat16_copy(model: PreTrainedModel) -> PreTrainedModel:
-    """A bfloat16 copy of the model for generation (the fp32 original stays the teacher)."""
-    import copy
-
-    fast = copy.deepcopy(model).to(torch.bfloat16)
-    fast.eval()
-    return fast

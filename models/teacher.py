@@ -71,9 +71,9 @@ def _split_models(model: PreTrainedModel, seqs: Sequence[TextSequence], train_dt
     ones always through the fp32 model, so calibration and evaluation judge against exact targets."""
     if train_dtype == "float32":
         return [(model, list(range(len(seqs))))]
-    import copy
+    from offramp.models.checkpoints import bfloat16_copy
 
-    fast = copy.deepcopy(model).to(getattr(torch, train_dtype))
+    fast = bfloat16_copy(model)
     train = [i for i, s in enumerate(seqs) if s.split == "train"]
     held_out = [i for i, s in enumerate(seqs) if s.split != "train"]
     return [(fast, train), (model, held_out)]

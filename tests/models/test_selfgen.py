@@ -108,4 +108,4 @@ def test_corpus_spec_refuses_an_unknown_teacher_dtype_and_a_non_positive_prompt_
         CorpusSpec(teacher_train_dtype="float16")
     with pytest.raises(CorpusError, match="selfgen_prompts 0"):
         CorpusSpec(selfgen_prompts=0)
-    assert CorpusSpec.large().selfgen_prompts == 3072
+    assert CorpusSpec.large().selfgen_prompts == 2048
