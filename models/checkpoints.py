@@ -129,14 +129,9 @@ def cpu_matmul_layout(model: torch.nn.Module) -> None:
 
 
 def bfloat16_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A bfloat16 copy with every Linear weight in the standard contiguous layout, for bulk work (generating and
-    teacher-forcing a corpus) where AMX bf16 matmuls run ~3x fp32. The `cpu_matmul_layout` transposed storage sends
-    bf16 products over [B, 1, H] inputs through a batched matmul that copies the weight per row (measured: a 512-row
-    decode step ran out of memory; 128 rows took 2 s a step instead of ~0.1 s)."""
+    """A bfloat16 copy for bulk work (generating and teacher-forcing a corpus), where AMX bf16 matmuls run ~3.5x
+    fp32 on this CPU (measured: a teacher forward of 16 x 128 tokens, 948 -> 3,316 tokens/s). The fp32 original
+    stays the reference for anything judged exactly."""
     import copy
 
-    fast = copy.deepcopy(model).to(torch.bfloat16)
-    for module in fast.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.weight = torch.nn.Parameter(module.weight.detach().contiguous(), requires_grad=False)
-    return fast.eval()
+    return copy.deepcopy(model).to(torch.bfloat16).eval()
