@@ -127,7 +127,6 @@ def cpu_matmul_layout(model: torch.nn.Module) -> None:
             module.weight.data = module.weight.data.t().contiguous().t()
 
 
-
 def bfloat16_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A bfloat16 copy for bulk work (generating and teacher-forcing a corpus), where AMX bf16 matmuls run ~3.5x
     fp32 on this CPU (measured: a teacher forward of 16 x 128 tokens, 948 -> 3,316 tokens/s). The fp32 original
