@@ -168,7 +168,7 @@ async def _collaborative(args: argparse.Namespace) -> dict[str, Any]:
             "exit_layer": service.exit_layer,
             "threshold": service.threshold,
             "exit_rule": service.exit_setup.describe(),
-            **({"exit_layers": list(service.exit_layers)} if len(service.exit_layers) > 1 else {}),
+            **service.describe_early_exits(),
             "edge_precision": service.precision,
             "lossless": service.config.lossless,
             "codec": service.config.codec,

@@ -215,8 +215,7 @@ class EdgeService:
             "precision": self.precision,
             "threshold": self.threshold,
             "exit_rule": self.exit_setup.describe(),
-            **({"exit_layers": list(self.exit_layers),
-                "early_exits": [{"exit_layer": k, **setup.describe()} for k, setup in self.early_exits]} if self.early_exits else {}),
+            **self.describe_early_exits(),
             "catch_up": self.config.catch_up,
             "lossless": self.config.lossless,
             "max_draft": self.config.max_draft,
@@ -226,6 +225,13 @@ class EdgeService:
             "sessions_max": self.pool.limit,
             "context_length": self.max_positions,
         }
+
+    def describe_early_exits(self) -> dict[str, Any]:
+        """A multi-exit edge's exits and each early exit's rule (for /healthz and `generate --json`); {} for one exit."""
+        if not self.early_exits:
+            return {}
+        return {"exit_layers": list(self.exit_layers),
+                "early_exits": [{"exit_layer": k, **setup.describe()} for k, setup in self.early_exits]}
 
     def link_state(self) -> dict[str, Any]:
         """Cloud link state for /healthz: what requests last saw, plus the link's own view when it has one."""

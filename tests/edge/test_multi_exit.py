@@ -228,6 +228,7 @@ def test_generate_with_exit_layers_exports_a_multi_exit_edge_and_reports_exits_b
     common = ("--exit-layers", "1", "3", "--cloud", "local", "--codec", "fp32", "--edge-precision", "fp32")
     lossless = generate(*common)
     assert lossless["exit_layers"] == [1, 3] and lossless["exit_layer"] == 3
+    assert lossless["early_exits"] == [{"exit_layer": 1, "head": str(head_dir), "rule": "max_prob", "threshold": 0.0, "threshold_source": "calibrated"}]
     assert lossless["token_ids"] == generate("--cloud-only")["token_ids"]
     assert lossless["stats"]["exits_by_layer"].get("1", 0) > 0 and lossless["stats"]["edge_fills"] > 0
     exits = generate(*common, "--no-lossless", "--threshold", "2")
