@@ -15,7 +15,23 @@ from offramp.shared.exit_rule import NEVER, ExitRule
 
 
 def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1e-3, iters: int = 50) -> ExitRule:
-    """Newton-IRLS logistic regression of `labels` (edge agrees) on standardised features; deterministic."""
+    """The logistic exit rule over the edge's logit features (`offramp.shared.exit_rule.FEATURES`)."""
+    w, bias, mean, scale = fit_logistic_weights(features, labels, l2, iters)
+    return ExitRule(kind="logistic", weights=w.tolist(), bias=bias, mean=mean.tolist(), scale=scale.tolist())
+
+
+def logistic_confidence(features: np.ndarray, fitted: tuple[np.ndarray, float, np.ndarray, np.ndarray]) -> np.ndarray:
+    """P(agree) under weights from `fit_logistic_weights`, for any feature set (studies of candidate signals)."""
+    w, bias, mean, scale = fitted
+    x = (np.asarray(features, dtype=np.float64) - mean) / scale
+    return 1.0 / (1.0 + np.exp(-np.clip(x @ w + bias, -50, 50)))
+
+
+def fit_logistic_weights(
+    features: np.ndarray, labels: np.ndarray, l2: float = 1e-3, iters: int = 50
+) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+    """Newton-IRLS logistic regression of `labels` (edge agrees) on standardised features; deterministic.
+    Returns (weights, bias, mean, scale)."""
     f = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels, dtype=np.float64)
     if len(y) == 0 or y.min() == y.max():
@@ -33,7 +49,7 @@ def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1e-3, ite
         w -= step
         if np.abs(step).max() < 1e-8:
             break
-    return ExitRule(kind="logistic", weights=w[:-1].tolist(), bias=float(w[-1]), mean=mean.tolist(), scale=scale.tolist())
+    return w[:-1], float(w[-1]), mean, scale
 
 
 def _exit_cuts(confidence: np.ndarray, agree: np.ndarray, target: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

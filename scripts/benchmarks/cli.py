@@ -15,6 +15,7 @@ TOOLS = {
     "soak": ("offramp.bench.soak", "concurrent edge sessions through a real cloud for as long as asked (scripts/soak)"),
     "edge-step": ("offramp.bench.edge_step", "edge decode-step latency (and fidelity) of the edge graph precisions"),
     "exit-step": ("offramp.bench.exit_step", "edge time per token with several exits (--exit-layers 8 15) vs one, at forced early-exit rates"),
+    "router-signals": ("offramp.bench.router_signals", "which router signals raise the certified exit rate (held-out serving text)"),
     "batching": ("offramp.bench.batching", "deep-layer throughput: one forward per session vs one batched forward"),
     "kv-step": ("offramp.bench.kv_step", "the cloud's batched decode step at long context"),
     "replicas": ("offramp.bench.replicas", "the single cloud server vs Ray Serve with 1 and 2 engine replicas"),
