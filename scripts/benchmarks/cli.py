@@ -16,6 +16,7 @@ TOOLS = {
     "edge-step": ("offramp.bench.edge_step", "edge decode-step latency (and fidelity) of the edge graph precisions"),
     "exit-step": ("offramp.bench.exit_step", "edge time per token with several exits (--exit-layers 8 15) vs one, at forced early-exit rates"),
     "router-signals": ("offramp.bench.router_signals", "which router signals raise the certified exit rate (held-out serving text)"),
+    "head-fusion": ("offramp.bench.head_fusion", "the exit head with an earlier layer's state fused in (EAGLE-3) vs without, equal steps"),
     "batching": ("offramp.bench.batching", "deep-layer throughput: one forward per session vs one batched forward"),
     "kv-step": ("offramp.bench.kv_step", "the cloud's batched decode step at long context"),
     "replicas": ("offramp.bench.replicas", "the single cloud server vs Ray Serve with 1 and 2 engine replicas"),
