@@ -1,12 +1,15 @@
 """Exit heads that ship with offramp: a fresh install drafts and exits with a trained head, not the final norm.
 
-`offramp ship-heads --exit-layer 15 10` (after `offramp train-exits` and `offramp calibrate` for those K) copies
-each K's trained head from the artifacts cache into `models/shipped_heads/<model fingerprint>/k<K>/`, as fp16
-safetensors (half the bytes; the head computes in fp32 once loaded) with its calibrated rule, and records what it
-achieves in `eval.json`, measured on `eval_texts.json` beside it: the full model's greedy continuations of
-held-out prompts (the corpus's test split, never trained on), so the figures can be checked again on any machine
-with the model (tests/models/test_shipped_heads.py). `find_trained_head` (offramp.models.edge_dir) takes a head
-`train-exits` left in the cache first, else the shipped one for that model and K.
+Made with a fixed seed and step count on the large self-generated corpus (README, "Exit heads"):
+`offramp train-exits --model default --corpus-preset large --exit-layer 15 --steps 1500 --seed 0 --time-budget 0`
+(and `--exit-layer 10 --steps 1200`), `offramp calibrate --model default --exit-layer 15 10 --target-agreement
+0.99`, then `offramp ship-heads --exit-layer 15 10`, which copies each K's trained head from the artifacts cache
+into `models/shipped_heads/<model fingerprint>/k<K>/`, as fp16 safetensors (half the bytes; the head computes in
+fp32 once loaded) with its calibrated rule, and records what it achieves in `eval.json`, measured on
+`eval_texts.json` beside it: the full model's greedy continuations of held-out prompts (the corpus's test split,
+never trained on), so the figures can be checked again on any machine with the model
+(tests/models/test_shipped_heads.py). `find_trained_head` (offramp.models.edge_dir) takes a head `train-exits`
+left in the cache first, else the shipped one for that model and K.
 """
 
 from __future__ import annotations

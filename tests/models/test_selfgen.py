@@ -109,3 +109,19 @@ def test_corpus_spec_refuses_an_unknown_teacher_dtype_and_a_non_positive_prompt_
     with pytest.raises(CorpusError, match="selfgen_prompts 0"):
         CorpusSpec(selfgen_prompts=0)
     assert CorpusSpec.large().selfgen_prompts == 2048
+
+
+def test_the_corpus_preset_flag_picks_the_spec_and_a_trained_head_keeps_its_own(tmp_path):
+    import argparse
+    from dataclasses import asdict
+
+    from offramp.models.cli import _corpus_spec
+
+    def args(preset=None, quick=False, corpus=None):
+        return argparse.Namespace(corpus_preset=preset, quick=quick, corpus=corpus)
+
+    assert _corpus_spec(args("large")) == CorpusSpec.large()
+    assert _corpus_spec(args(quick=True)) == CorpusSpec.quick()
+    assert _corpus_spec(args()) == CorpusSpec()
+    (tmp_path / "head.json").write_text(json.dumps({"corpus_spec": asdict(CorpusSpec.large())}))
+    assert _corpus_spec(args(), tmp_path) == CorpusSpec.large()  # calibrate/eval judge on the head's own corpus
