@@ -70,18 +70,29 @@ def _add_exit_common(p: argparse.ArgumentParser) -> None:
                    help="default: 256 built-in prompts + human text (minutes); large: 3,072 catalog prompts, greedy + "
                         "sampled, ~0.8M positions (~30 min on 2 cores, resumable; the shipped heads' corpus); "
                         "quick: for development (default: the corpus the head was trained on, else default)")
+    p.add_argument("--selfgen-prompts", type=int, default=None, metavar="N",
+                   help="with --corpus-preset large: continue the catalog's first N prompts (2,048 by default, up to "
+                        "9,348: ~35x the default corpus's training positions)")
     p.add_argument("--quick", action="store_true", help="--corpus-preset quick and few steps, for development")
 
 
 def _corpus_spec(args: argparse.Namespace, head_dir: Path | None = None):
     """--quick/--corpus-preset/--corpus if given, else the corpus the head was trained on, else the default corpus."""
+    from dataclasses import replace
+
     from offramp.models.corpus import CORPUS_PRESETS, CorpusSpec
     from offramp.models.train_exits import corpus_spec_from_manifest
+    from offramp.shared.errors import SplitConfigError
 
     preset = "quick" if args.quick else args.corpus_preset
+    prompts = getattr(args, "selfgen_prompts", None)
+    if prompts is not None and preset != "large":
+        raise SplitConfigError(f"--selfgen-prompts {prompts} needs --corpus-preset large (the catalog's corpus)")
     if preset or args.corpus:
         spec = CORPUS_PRESETS[preset or "default"]()
         spec.files = tuple(str(Path(f).resolve()) for f in args.corpus or ())
+        if prompts is not None:
+            spec = replace(spec, selfgen_prompts=prompts)  # validated by CorpusSpec
         return spec
     return (corpus_spec_from_manifest(head_dir) if head_dir else None) or CorpusSpec()
 

@@ -12,6 +12,7 @@ import torch
 from offramp.models import selfgen
 from offramp.models.corpus import CorpusError, CorpusSpec, builtin_prompts, split_of
 from offramp.models.selfgen import continue_prompts, large_selfgen_sequences, prompt_catalog
+from offramp.shared.errors import SplitConfigError
 
 
 @pytest.fixture()
@@ -117,10 +118,15 @@ def test_the_corpus_preset_flag_picks_the_spec_and_a_trained_head_keeps_its_own(
 
     from offramp.models.cli import _corpus_spec
 
-    def args(preset=None, quick=False, corpus=None):
-        return argparse.Namespace(corpus_preset=preset, quick=quick, corpus=corpus)
+    def args(preset=None, quick=False, corpus=None, prompts=None):
+        return argparse.Namespace(corpus_preset=preset, quick=quick, corpus=corpus, selfgen_prompts=prompts)
 
     assert _corpus_spec(args("large")) == CorpusSpec.large()
+    assert _corpus_spec(args("large", prompts=9348)).selfgen_prompts == 9348
+    with pytest.raises(SplitConfigError, match="--selfgen-prompts 100 needs --corpus-preset large"):
+        _corpus_spec(args(prompts=100))
+    with pytest.raises(CorpusError, match="selfgen_prompts 0"):
+        _corpus_spec(args("large", prompts=0))
     assert _corpus_spec(args(quick=True)) == CorpusSpec.quick()
     assert _corpus_spec(args()) == CorpusSpec()
     (tmp_path / "head.json").write_text(json.dumps({"corpus_spec": asdict(CorpusSpec.large())}))
