@@ -85,7 +85,7 @@ def _corpus_spec(args: argparse.Namespace, head_dir: Path | None = None):
     from offramp.shared.errors import SplitConfigError
 
     preset = "quick" if args.quick else args.corpus_preset
-    prompts = getattr(args, "selfgen_prompts", None)
+    prompts = args.selfgen_prompts
     if prompts is not None and preset != "large":
         raise SplitConfigError(f"--selfgen-prompts {prompts} needs --corpus-preset large (the catalog's corpus)")
     if preset or args.corpus:

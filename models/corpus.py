@@ -109,6 +109,17 @@ def encode_prompt(tok: PreTrainedTokenizerBase, source: str, text: str) -> list[
     return list(tok(text)["input_ids"])
 
 
+def left_padded(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) [B, longest]: each prompt right-aligned, so every row's next token is at the end."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(p)
+        mask[row, width - len(p) :] = 1
+    return ids, mask
+
+
 def generate_batched(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
@@ -127,12 +138,8 @@ def generate_batched(
     torch.manual_seed(seed)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
         idx = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]) :] = 1
+        ids, mask = left_padded([prompts[i] for i in idx], pad)
+        width = ids.shape[1]
         kwargs = {"do_sample": False}
         if sample_temperature:
             kwargs = {"do_sample": True, "temperature": sample_temperature, "top_p": 0.95, "top_k": 0}

@@ -31,6 +31,7 @@ from offramp.models.corpus import (
     CorpusError,
     TextSequence,
     encode_prompt,
+    left_padded,
     split_of,
 )
 from offramp.models.checkpoints import bfloat16_copy
@@ -173,12 +174,7 @@ def continue_prompts(
     temps = torch.tensor([temperature] * len(prompts) if isinstance(temperature, (int, float)) else list(temperature),
                          dtype=torch.float32)
     generator = generator or torch.Generator().manual_seed(0)
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p) :] = torch.tensor(p)
-        mask[row, width - len(p) :] = 1
+    ids, mask = left_padded(prompts, pad_id)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
     # The base model, then the LM head on [B, H] rows: a 3-D non-contiguous input (what logits_to_keep slices) sends

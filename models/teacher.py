@@ -61,38 +61,49 @@ def scored_range(seq: TextSequence) -> range:
     return range(max(seq.score_from - 1, 0), len(seq.input_ids) - 1)
 
 
-def _cache_dir(model: PreTrainedModel, seqs: Sequence[TextSequence], train_dtype: str = "float32") -> Path:
-    suffix = "" if train_dtype == "float32" else f"-{train_dtype}-train"
-    return offramp_home() / "teacher" / model_fingerprint(model)[:16] / (corpus_key(seqs) + suffix)
+class _Teachers:
+    """The models a teacher pass runs: the fp32 model, and for the train split (when `train_dtype` asks) a bf16
+    copy, made once on first need and shared by every shard of a corpus."""
+
+    def __init__(self, model: PreTrainedModel, train_dtype: str = "float32") -> None:
+        self.model, self.train_dtype = model, train_dtype
+        self._fast: PreTrainedModel | None = None
+
+    def cache_dir(self, seqs: Sequence[TextSequence]) -> Path:
+        suffix = "" if self.train_dtype == "float32" else f"-{self.train_dtype}-train"
+        return offramp_home() / "teacher" / model_fingerprint(self.model)[:16] / (corpus_key(seqs) + suffix)
+
+    def split(self, seqs: Sequence[TextSequence]) -> list[tuple[PreTrainedModel, list[int]]]:
+        """(model, sequence indices) pairs: train-split sequences through the `train_dtype` copy when asked,
+        held-out ones always through the fp32 model, so calibration and evaluation judge against exact targets."""
+        if self.train_dtype == "float32":
+            return [(self.model, list(range(len(seqs))))]
+        if self._fast is None:
+            from offramp.models.checkpoints import bfloat16_copy
+
+            self._fast = bfloat16_copy(self.model)
+        train = [i for i, s in enumerate(seqs) if s.split == "train"]
+        held_out = [i for i, s in enumerate(seqs) if s.split != "train"]
+        return [(self._fast, train), (self.model, held_out)]
 
 
-def _split_models(model: PreTrainedModel, seqs: Sequence[TextSequence], train_dtype: str) -> list[tuple[PreTrainedModel, list[int]]]:
-    """(model, sequence indices) pairs: train-split sequences through a `train_dtype` copy when asked, held-out
-    ones always through the fp32 model, so calibration and evaluation judge against exact targets."""
-    if train_dtype == "float32":
-        return [(model, list(range(len(seqs))))]
-    from offramp.models.checkpoints import bfloat16_copy
-
-    fast = bfloat16_copy(model)
-    train = [i for i, s in enumerate(seqs) if s.split == "train"]
-    held_out = [i for i, s in enumerate(seqs) if s.split != "train"]
-    return [(fast, train), (model, held_out)]
+def _cache_dir(model: PreTrainedModel, seqs: Sequence[TextSequence]) -> Path:
+    return _Teachers(model).cache_dir(seqs)
 
 
 @torch.no_grad()
 def _teacher_pass(
-    model: PreTrainedModel, seqs: Sequence[TextSequence], layers: Sequence[int], batch_tokens: int,
-    train_dtype: str = "float32",
+    teachers: _Teachers, seqs: Sequence[TextSequence], layers: Sequence[int], batch_tokens: int
 ) -> dict[str, torch.Tensor]:
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("final", "top1", "topk", "next_token", "full_logprob", "seq")}
     out.update({f"layer{k}": [] for k in layers})
     pad = 0
     jobs = [
-        (m, [idx[b] for b in batch])
-        for m, idx in _split_models(model, seqs, train_dtype)
+        (runner, [idx[b] for b in batch])
+        for runner, idx in teachers.split(seqs)
         for batch in _length_batches([seqs[i] for i in idx], batch_tokens)
     ]
-    for model, batch in tqdm(jobs, desc="teacher pass", unit="batch", leave=len(jobs) > 20):
+    for runner, batch in tqdm(jobs, desc="teacher pass", unit="batch", leave=len(jobs) > 20):
         width = max(len(seqs[i].input_ids) for i in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -100,14 +111,14 @@ def _teacher_pass(
             n = len(seqs[i].input_ids)
             ids[row, :n] = torch.tensor(seqs[i].input_ids)
             mask[row, :n] = 1
-        res = model.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        res = runner.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         states = res.hidden_states  # [0]=embeddings, [K]=after K layers, [-1]=normed final
         for row, i in enumerate(batch):
             pos = torch.tensor(list(scored_range(seqs[i])), dtype=torch.long)
             if len(pos) == 0:
                 continue
             final = states[-1][row, pos]
-            logits = model.lm_head(final).float()
+            logits = runner.lm_head(final).float()
             logp = torch.log_softmax(logits, -1)
             nxt = ids[row, pos + 1]
             out["final"].append(final.half())
@@ -149,9 +160,9 @@ def teacher_data(
     """
     for k in layers:
         check_exit_layer(model, k)
-    parts, families = [], _families(seqs)
+    parts, families, teachers = [], _families(seqs), _Teachers(model, train_dtype)
     for idx in tqdm(families, desc="teacher targets by shard", unit="shard", disable=len(families) < 4):
-        part = _teacher_data_cached(model, [seqs[i] for i in idx], layers, batch_tokens, train_dtype)
+        part = _teacher_data_cached(teachers, [seqs[i] for i in idx], layers, batch_tokens)
         part.seq = torch.tensor(idx, dtype=torch.int32)[part.seq.long()]
         parts.append(part)
     return TeacherData(
@@ -161,13 +172,13 @@ def teacher_data(
 
 
 def _teacher_data_cached(
-    model: PreTrainedModel, seqs: Sequence[TextSequence], layers: Sequence[int], batch_tokens: int, train_dtype: str
+    teachers: _Teachers, seqs: Sequence[TextSequence], layers: Sequence[int], batch_tokens: int
 ) -> TeacherData:
-    cache = _cache_dir(model, seqs, train_dtype)
+    cache = teachers.cache_dir(seqs)
     missing = [k for k in layers if not (cache / f"layer{k}.safetensors").is_file()]
     if not (cache / "targets.safetensors").is_file() or missing:
         cache.mkdir(parents=True, exist_ok=True)
-        tensors = _teacher_pass(model, seqs, sorted(set(layers)), batch_tokens, train_dtype)
+        tensors = _teacher_pass(teachers, seqs, sorted(set(layers)), batch_tokens)
         for k in layers:
             save_file({"hidden": tensors.pop(f"layer{k}")}, str(cache / f"layer{k}.safetensors"))
         if not (cache / "targets.safetensors").is_file():

@@ -94,7 +94,13 @@ def test_a_bfloat16_train_pass_keeps_the_held_out_targets_those_of_the_fp32_mode
     monkeypatch.setattr(selfgen, "SHARD_PROMPTS", 16)
     seqs = large_selfgen_sequences(model, tok, 32, max_new_tokens=8)
     exact = teacher_data(model, seqs, [2])
+    from offramp.models import checkpoints
+
+    copies = []
+    real_copy = checkpoints.bfloat16_copy
+    monkeypatch.setattr(checkpoints, "bfloat16_copy", lambda m: copies.append(1) or real_copy(m))
     fast = teacher_data(model, seqs, [2], train_dtype="bfloat16")
+    assert {s.shard for s in seqs} == {"s0", "s1"} and len(copies) == 1  # one bf16 copy serves every shard
     held_out = ~exact.mask("train")
     assert held_out.any() and (~held_out).any()
     assert torch.equal(fast.seq, exact.seq) and torch.equal(fast.top1[held_out], exact.top1[held_out])
