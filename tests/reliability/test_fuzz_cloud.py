@@ -460,13 +460,15 @@ def session_op(data: st.DataObject, fz: FuzzState, max_positions: int) -> tuple[
     right_size = len(payload) == get_codec(codec).nbytes(rows, H)
     if kind in (*POISONS, "truncated", "extended") or not right_size:
         return label, p.encode_frame(frame), Expect.error(p.BAD_HIDDEN), req
-    if start + rows > max_positions:
-        return label, p.encode_frame(frame), Expect.error(p.BAD_POSITIONS), req
-    # another codec's bytes of the same size decode to anything; huge finite states may overflow in the deep
-    # layers: either may be refused as bad_hidden, but never answered with NaN (check_reply looks at that).
+    # another codec's bytes of the same size decode to anything (NaN/inf in fp16 too); huge finite states may
+    # overflow in the deep layers: either may be refused as bad_hidden, but never answered with NaN (check_reply
+    # looks at that). The cloud checks the states before the positions, so past the context it may say either.
     # A stale epoch is answered Stale, a newer one without a rebase Evicted (the copy may predate a rollback),
     # and any request may find its session evicted by the KV budget.
     maybe_bad = kind in ("other_codec", "huge")
+    if start + rows > max_positions:
+        codes = (p.BAD_POSITIONS, p.BAD_HIDDEN) if maybe_bad else (p.BAD_POSITIONS,)
+        return label, p.encode_frame(frame), Expect.error(*codes), req
     replies = {"stale": (p.Stale, p.Evicted), "newer": (p.Evicted,)}.get(when, (p.Result, p.Evicted))
     return label, p.encode_frame(frame), Expect(frozenset({p.BAD_HIDDEN}) if maybe_bad and when not in ("stale", "newer") else frozenset(), replies), req
 
